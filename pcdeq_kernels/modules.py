@@ -1,0 +1,189 @@
+"""Drop-in pcDEQ layers: ``PCDEQLinear`` and ``PCDEQConv2d``.
+
+A layer maps its input ``x`` to ``z*``, the fixed point of ``z = act(L(z) + u)`` with the injection
+``u = phi(x)`` computed once:
+
+    pcDEQ-1: phi = softplus(beta=5) (u > 0), act in {tanh, softsign, relu6}
+    pcDEQ-2: phi = relu (u >= 0),             act = sigmoid
+
+``L`` is ``z @ W.T`` (``PCDEQLinear``) or a 3x3 convolution with padding 1 (``PCDEQConv2d``), with
+``W >= 0`` kept by the chosen parametrization (``parametrizations.py``). After each optimizer step call
+``layer.project_()`` (or ``project_(model)`` for a whole network), as the paper does.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .activations import get_activation
+from .backends import BACKEND_NAMES
+from .functional import SolverStats, fixed_point
+from .parametrizations import make_parametrization
+
+INJECTIONS = {
+    "softplus": lambda x: F.softplus(x, beta=5),  # pcDEQ-1: strictly positive
+    "relu": F.relu,  # pcDEQ-2: nonnegative, can be 0
+}
+
+
+def default_injection(activation: str) -> str:
+    """The paper's pairing: relu for pcDEQ-2 (sigmoid), softplus(beta=5) for pcDEQ-1."""
+    return "relu" if get_activation(activation).family == "pcDEQ-2" else "softplus"
+
+
+class _PCDEQLayer(nn.Module):
+    """What the dense and conv layers share: injection, weight constraint, solver options, stats."""
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        activation: str,
+        injection: Optional[str],
+        parametrization: str,
+        tol: float,
+        max_iter: int,
+        stop: str,
+        backward: str,
+        backward_tol: Optional[float],
+        backward_max_iter: Optional[int],
+        backend: str,
+        on_nonconvergence: str,
+    ):
+        super().__init__()
+        act = get_activation(activation)
+        injection = default_injection(activation) if injection is None else injection
+        if injection not in INJECTIONS:
+            raise ValueError(f"unknown injection {injection!r}: choose one of {sorted(INJECTIONS)}")
+        if injection == "relu" and act.value_at_zero <= 0:
+            raise ValueError(
+                f"activation {activation!r} has {activation}(0) = 0, so with the relu injection (u can be 0) "
+                "the map can fix z = 0 and the pcDEQ guarantees are lost; use injection='softplus' "
+                "(pcDEQ-1) or activation='sigmoid' (pcDEQ-2)"
+            )
+        self.activation = activation
+        self.injection = injection
+        self.parametrization = parametrization
+        self.weight_param = make_parametrization(parametrization, weight_shape)
+        self.solver_options = dict(
+            tol=tol, max_iter=max_iter, stop=stop, backward=backward, backward_tol=backward_tol,
+            backward_max_iter=backward_max_iter, on_nonconvergence=on_nonconvergence,
+        )
+        self.backend = backend
+        self.stats: Optional[SolverStats] = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in BACKEND_NAMES:
+            raise ValueError(f"unknown backend {name!r}: choose one of {('auto',) + BACKEND_NAMES}")
+        self._backend = name
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective nonnegative weight ``W``, whatever the parametrization."""
+        return self.weight_param()
+
+    def project_(self) -> None:
+        """Restore ``W >= 0`` after an optimizer step (the paper's projection)."""
+        self.weight_param.project_()
+
+    def solve(self, u: Tensor) -> Tensor:
+        z, self.stats = fixed_point(u, self.weight, self.activation, backend=self.backend, **self.solver_options)
+        return z
+
+    def extra_repr(self) -> str:
+        return (
+            f"activation={self.activation!r}, injection={self.injection!r}, "
+            f"parametrization={self.parametrization!r}, backend={self.backend!r}, "
+            f"tol={self.solver_options['tol']:g}, max_iter={self.solver_options['max_iter']}"
+        )
+
+
+class PCDEQLinear(_PCDEQLayer):
+    """Dense pcDEQ layer: input ``(..., features)``, output ``z*`` of the same shape.
+
+    Args:
+        features: width d of the state (W is d x d).
+        activation: "tanh", "softsign", "relu6" (pcDEQ-1) or "sigmoid" (pcDEQ-2).
+        injection: "softplus" (beta=5) or "relu"; default: the paper's pairing for the activation.
+        parametrization: "weight_norm" (paper), "softplus" or "clamp" (see parametrizations.py).
+        The remaining keywords are ``fixed_point``'s.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        activation: str = "tanh",
+        injection: Optional[str] = None,
+        *,
+        parametrization: str = "weight_norm",
+        tol: float = 1e-4,
+        max_iter: int = 200,
+        stop: str = "sample",
+        backward: str = "implicit",
+        backward_tol: Optional[float] = None,
+        backward_max_iter: Optional[int] = None,
+        backend: str = "auto",
+        on_nonconvergence: str = "warn",
+    ):
+        super().__init__(
+            (features, features), activation, injection, parametrization, tol, max_iter, stop, backward,
+            backward_tol, backward_max_iter, backend, on_nonconvergence,
+        )
+        self.features = features
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.features:
+            raise ValueError(f"PCDEQLinear({self.features}) expects input (..., {self.features}), got {tuple(x.shape)}")
+        u = INJECTIONS[self.injection](x.reshape(-1, self.features))
+        return self.solve(u).reshape(x.shape)
+
+
+class PCDEQConv2d(_PCDEQLayer):
+    """Convolutional pcDEQ layer (3x3 kernel, padding 1): input and output ``(B, C, H, W)``.
+
+    Same arguments as ``PCDEQLinear`` with ``channels`` in place of ``features``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        activation: str = "tanh",
+        injection: Optional[str] = None,
+        *,
+        parametrization: str = "weight_norm",
+        tol: float = 1e-4,
+        max_iter: int = 200,
+        stop: str = "sample",
+        backward: str = "implicit",
+        backward_tol: Optional[float] = None,
+        backward_max_iter: Optional[int] = None,
+        backend: str = "auto",
+        on_nonconvergence: str = "warn",
+    ):
+        super().__init__(
+            (channels, channels, 3, 3), activation, injection, parametrization, tol, max_iter, stop, backward,
+            backward_tol, backward_max_iter, backend, on_nonconvergence,
+        )
+        self.channels = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"PCDEQConv2d({self.channels}) expects input (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        return self.solve(INJECTIONS[self.injection](x))
+
+
+def pcdeq_layers(model: nn.Module) -> Iterator[_PCDEQLayer]:
+    return (m for m in model.modules() if isinstance(m, _PCDEQLayer))
+
+
+def project_(model: nn.Module) -> None:
+    """Project every pcDEQ layer of ``model`` back to ``W >= 0``; call after each optimizer step."""
+    for layer in pcdeq_layers(model):
+        layer.project_()

@@ -1,0 +1,124 @@
+"""The two solver ops every backend implements, as ``torch.library`` custom ops.
+
+    pcdeq::forward_solve(u, weight, z0, activation, tol, max_iter, stop, backend, on_nonconvergence)
+        -> (z*, iterations, residual, converged)
+    pcdeq::adjoint_solve(v, weight, D, tol, max_iter, stop, backend, on_nonconvergence)
+        -> (h*, iterations, residual, converged)
+
+``backend`` is a concrete name already chosen by the dispatcher (``backends.resolve``). The ops check
+the values the dispatcher cannot see statically (negative or non-finite entries: one host read per
+call) and apply the non-convergence policy, so every backend behaves the same way and
+``torch.compile`` sees one opaque op per solve (the fake kernels give it the output shapes).
+Gradients are attached one level up, in ``functional.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
+
+
+class NonConvergenceError(RuntimeError):
+    """Raised when ``on_nonconvergence="raise"`` and some sample did not meet ``tol`` within ``max_iter``."""
+
+
+def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor]) -> None:
+    """Reject negative or non-finite inputs with one host read for all checks."""
+    flags = [(weight < 0).any(), ~torch.isfinite(weight).all(), ~torch.isfinite(u).all(), (u < 0).any()]
+    if z0 is not None:
+        flags += [~torch.isfinite(z0).all(), (z0 < 0).any()]
+    flags = torch.stack(flags).tolist()
+    if flags[0]:
+        raise ValueError(
+            f"weight has negative entries (min {weight.min().item():.3g}); a pcDEQ layer needs W >= 0. "
+            "Call layer.project_() after each optimizer step, or use parametrization='softplus'."
+        )
+    if flags[1]:
+        raise ValueError("weight contains NaN or Inf; check the learning rate and the weight's parametrization")
+    if flags[2]:
+        raise ValueError("u (the injection) contains NaN or Inf; check the layer's input")
+    if flags[3]:
+        raise ValueError(
+            f"u (the injection) has negative entries (min {u.min().item():.3g}); pcDEQ needs u >= 0: "
+            "pass the input through softplus(beta=5) (pcDEQ-1) or relu (pcDEQ-2) first"
+        )
+    if z0 is not None and flags[4]:
+        raise ValueError("z0 contains NaN or Inf")
+    if z0 is not None and flags[5]:
+        raise ValueError("z0 has negative entries; the iteration must start in the nonnegative orthant")
+
+
+def _apply_policy(what: str, converged: Tensor, residual: Tensor, tol: float, max_iter: int, policy: str) -> None:
+    if policy == "ignore":
+        return
+    n_failed = int((~converged).sum())
+    if n_failed == 0:
+        return
+    message = (
+        f"pcDEQ {what} solve: {n_failed} of {converged.numel()} samples did not reach tol={tol:g} within "
+        f"max_iter={max_iter} (worst relative residual {residual.max().item():.3g}); raise max_iter or tol"
+    )
+    if policy == "raise":
+        raise NonConvergenceError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _stat_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    batch = x.shape[0]
+    res_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (
+        x.new_empty(batch, dtype=torch.int32),
+        x.new_empty(batch, dtype=res_dtype),
+        x.new_empty(batch, dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("pcdeq::forward_solve", mutates_args=())
+def forward_solve(
+    u: Tensor,
+    weight: Tensor,
+    z0: Optional[Tensor],
+    activation: str,
+    tol: float,
+    max_iter: int,
+    stop: str,
+    backend: str,
+    on_nonconvergence: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_values(u, weight, z0)
+    z, its, res, conv = backends.get(backend).forward_solve(u, weight, z0, activation, tol, max_iter, stop)
+    _apply_policy("forward", conv, res, tol, max_iter, on_nonconvergence)
+    return z, its, res, conv
+
+
+@forward_solve.register_fake
+def _(u, weight, z0, activation, tol, max_iter, stop, backend, on_nonconvergence):
+    return (torch.empty_like(u), *_stat_outputs(u))
+
+
+@torch.library.custom_op("pcdeq::adjoint_solve", mutates_args=())
+def adjoint_solve(
+    v: Tensor,
+    weight: Tensor,
+    D: Tensor,
+    tol: float,
+    max_iter: int,
+    stop: str,
+    backend: str,
+    on_nonconvergence: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    h, its, res, conv = backends.get(backend).adjoint_solve(v, weight, D, tol, max_iter, stop)
+    _apply_policy("backward", conv, res, tol, max_iter, on_nonconvergence)
+    return h, its, res, conv
+
+
+@adjoint_solve.register_fake
+def _(v, weight, D, tol, max_iter, stop, backend, on_nonconvergence):
+    return (torch.empty_like(v), *_stat_outputs(v))

@@ -1,0 +1,161 @@
+"""Pure-PyTorch reference solver: the specification every backend is tested against.
+
+Short and obvious on purpose; float64-capable; never optimised. Two maps, one loop:
+
+    forward   z_{k+1} = act(L(z_k) + u)              z_0 = 0 (or a given z0)
+    adjoint   h_{k+1} = D * (L^T(h_k) + v)           h_0 = D * v,   D = act'(L(z*) + u)
+
+where ``L`` is the nonnegative linear map: ``z @ W.T`` for a dense weight of shape (d, d), or a 3x3
+convolution with padding 1 for a kernel of shape (C, C, 3, 3); ``L^T`` is its adjoint. At the adjoint
+fixed point, ``dL/du = h*`` and ``dL/dW = weight_grad(h*, z*)`` (``h*.T @ z*`` for dense).
+
+Stopping rule (the official code's), per sample b with ``x`` the state (z or h):
+
+    r_b = ||x_{k+1,b} - x_{k,b}|| / (||x_{k+1,b}|| + 1e-5)
+
+``stop="sample"``: each sample stops (its state freezes and its iteration count stops) once
+``r_b < tol``; ``stop="batch"``: all samples stop together once the same ratio taken over the whole
+batch (Frobenius norms) is below ``tol``. Either way at most ``max_iter`` steps are taken.
+
+Returned per sample: the iteration count (map applications), the last relative residual ``r_b``,
+and whether the stopping rule was met. Half-precision inputs are solved in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activations import get_activation
+
+RESIDUAL_EPS = 1e-5  # the official code's denominator guard
+
+
+def linear_map(z: Tensor, weight: Tensor) -> Tensor:
+    """L(z): ``z @ W.T`` (dense, W of shape (d, d)) or ``conv2d(z, W, padding=1)`` (W (C, C, 3, 3))."""
+    if weight.dim() == 2:
+        return z @ weight.T
+    return F.conv2d(z, weight, padding=1)
+
+
+def adjoint_map(h: Tensor, weight: Tensor) -> Tensor:
+    """L^T(h): ``h @ W`` (dense) or the transposed convolution (conv)."""
+    if weight.dim() == 2:
+        return h @ weight
+    return F.conv_transpose2d(h, weight, padding=1)
+
+
+def weight_grad(h: Tensor, z: Tensor, weight: Tensor) -> Tensor:
+    """dL/dW for ``L(z) = z W^T`` given the adjoint state ``h = dL/d(pre-activation)``."""
+    if weight.dim() == 2:
+        return h.T @ z
+    return torch.nn.grad.conv2d_weight(z, weight.shape, h, padding=1)
+
+
+def solver_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and accumulation dtype: float64 stays float64, everything else is solved in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_sample_norm(x: Tensor) -> Tensor:
+    return x.flatten(1).norm(dim=1)
+
+
+def relative_residual(x_next: Tensor, x: Tensor) -> Tensor:
+    """Per-sample ``||x_next - x|| / (||x_next|| + 1e-5)``."""
+    return per_sample_norm(x_next - x) / (per_sample_norm(x_next) + RESIDUAL_EPS)
+
+
+def batch_relative_residual(x_next: Tensor, x: Tensor) -> Tensor:
+    """Whole-batch ``||x_next - x||_F / (||x_next||_F + 1e-5)`` (the official code's rule)."""
+    return (x_next - x).norm() / (x_next.norm() + RESIDUAL_EPS)
+
+
+def iterate(
+    step: Callable[[Tensor], Tensor], x0: Tensor, *, tol: float, max_iter: int, stop: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Iterate ``x <- step(x)`` from ``x0`` with the stopping rule in the module docstring.
+
+    Returns ``(x, iterations int32 (B,), residual (B,), converged bool (B,))``.
+    """
+    batch = x0.shape[0]
+    x = x0
+    iterations = torch.zeros(batch, dtype=torch.int32, device=x0.device)
+    residual = torch.full((batch,), float("inf"), dtype=x0.dtype, device=x0.device)
+    active = torch.ones(batch, dtype=torch.bool, device=x0.device)
+    batch_done = False
+    for _ in range(max_iter):
+        x_next = step(x)
+        r = relative_residual(x_next, x)
+        if stop == "batch":
+            batch_done = bool(batch_relative_residual(x_next, x) < tol)
+        keep = active.view(-1, *([1] * (x.dim() - 1)))
+        x = torch.where(keep, x_next, x)
+        residual = torch.where(active, r, residual)
+        iterations += active.to(torch.int32)
+        if stop == "batch":
+            if batch_done:
+                break
+        else:
+            active = active & ~(r < tol)  # written so that a NaN residual never counts as converged
+            if not bool(active.any()):
+                break
+    converged = torch.full_like(active, batch_done) if stop == "batch" else ~active
+    return x, iterations, residual, converged
+
+
+def forward_solve(
+    u: Tensor,
+    weight: Tensor,
+    activation: str,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    stop: str = "sample",
+    z0: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve ``z = act(L(z) + u)``. Returns ``(z*, iterations, residual, converged)``."""
+    act = get_activation(activation).fn
+    dtype = solver_dtype(u.dtype)
+    u_, w_ = u.to(dtype), weight.to(dtype)
+    x0 = torch.zeros_like(u_) if z0 is None else z0.to(dtype)
+    z, its, res, conv = iterate(lambda z: act(linear_map(z, w_) + u_), x0, tol=tol, max_iter=max_iter, stop=stop)
+    return z.to(u.dtype), its, res, conv
+
+
+def adjoint_solve(
+    v: Tensor,
+    weight: Tensor,
+    D: Tensor,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    stop: str = "sample",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve ``h = D * (L^T(h) + v)`` from ``h_0 = D * v``. Returns ``(h*, iterations, residual, converged)``."""
+    dtype = solver_dtype(v.dtype)
+    v_, w_, d_ = v.to(dtype), weight.to(dtype), D.to(dtype)
+    h, its, res, conv = iterate(lambda h: d_ * (adjoint_map(h, w_) + v_), d_ * v_, tol=tol, max_iter=max_iter, stop=stop)
+    return h.to(v.dtype), its, res, conv
+
+
+def activation_derivative_at(z: Tensor, u: Tensor, weight: Tensor, activation: str) -> Tensor:
+    """``D = act'(L(z) + u)``: the diagonal of the Jacobian's activation part at ``z``."""
+    dtype = solver_dtype(u.dtype)
+    return get_activation(activation).derivative(linear_map(z.to(dtype), weight.to(dtype)) + u.to(dtype))
+
+
+def contraction_bound(z: Tensor, u: Tensor, activation: str) -> Tensor:
+    """Per-sample ``max_i (1 - act(u)_i / z*_i)``: an upper bound on rho(J) at the fixed point.
+
+    By concavity ``J z* <= z* - act(u)``, so by Collatz-Wielandt ``rho(J) <= max_i (1 - act(u)_i/z*_i)``;
+    it is also the rate at which the iteration from 0 approaches ``z*`` in the norm ``max_i |x_i| / z*_i``.
+    An entry with ``z*_i = 0`` gives no guarantee and counts as 1.
+    """
+    dtype = solver_dtype(u.dtype)
+    z_, au = z.to(dtype), get_activation(activation).fn(u.to(dtype))
+    ratio = torch.where(z_ > 0, au / z_.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(z_))
+    return (1 - ratio).flatten(1).amax(dim=1)
