@@ -9,5 +9,6 @@ python3 -m venv .venv
 if [ "${TORCH_SPEC:-torch==2.13.0}" != skip ]; then
   pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
+pip install -q "setuptools>=64" wheel
 pip install -q --no-build-isolation -e ".[test,demo,triton]"
 python -c "import pcdeq_kernels as pk, torch; print('pcdeq_kernels', pk.__version__, 'torch', torch.__version__, 'backends', pk.available_backends())"

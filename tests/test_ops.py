@@ -1,0 +1,42 @@
+"""The custom ops: opcheck (schema, fake kernels, dispatch) and torch.compile of a whole layer."""
+
+import pytest
+import torch
+
+import pcdeq_kernels as pk
+from pcdeq_kernels import ops, reference
+
+from problems import make_problem
+
+
+@pytest.mark.parametrize("conv_hw", [None, (4, 5)], ids=["dense", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward_and_adjoint(conv_hw, dtype):
+    u, w = make_problem(3, 5, "tanh", dtype=dtype, conv_hw=conv_hw)
+    z0 = torch.rand_like(u)
+    for z_init in (None, z0):
+        torch.library.opcheck(ops.forward_solve, (u, w, z_init, "tanh", 1e-6, 100, "sample", "reference", "warn"))
+    z, *_ = reference.forward_solve(u, w, "tanh", tol=1e-8)
+    D = reference.activation_derivative_at(z, u, w, "tanh")
+    torch.library.opcheck(ops.adjoint_solve, (torch.randn_like(u), w, D, 1e-6, 100, "batch", "reference", "warn"))
+
+
+def test_ops_outputs_match_the_reference():
+    u, w = make_problem(5, 7, "relu6")
+    z, its, res, conv = torch.ops.pcdeq.forward_solve(u, w, None, "relu6", 1e-9, 300, "sample", "reference", "warn")
+    z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=300)
+    assert torch.equal(z, z_ref) and torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
+
+
+@pytest.mark.parametrize("layer_cls, shape", [(pk.PCDEQLinear, (6, 12)), (pk.PCDEQConv2d, (2, 3, 5, 5))])
+def test_compile_fullgraph_matches_eager(layer_cls, shape):
+    torch.manual_seed(0)
+    layer = layer_cls(shape[1], "tanh", tol=1e-8)
+    x = torch.randn(shape)
+    z_eager = layer(x)
+    (g_eager,) = torch.autograd.grad(z_eager.square().sum(), layer.weight_param.v)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    z_comp = compiled(x)
+    (g_comp,) = torch.autograd.grad(z_comp.square().sum(), layer.weight_param.v)
+    torch.testing.assert_close(z_comp, z_eager)
+    torch.testing.assert_close(g_comp, g_eager)

@@ -1,0 +1,163 @@
+"""Bad input gets a clear error that names the problem and the fix; nothing is silently ignored."""
+
+import warnings
+
+import pytest
+import torch
+
+import pcdeq_kernels as pk
+
+from problems import make_problem
+
+
+@pytest.fixture
+def problem():
+    return make_problem(4, 6, "tanh", dtype=torch.float32)
+
+
+def test_negative_weight(problem):
+    u, w = problem
+    w[1, 2] = -0.5
+    with pytest.raises(ValueError, match=r"weight has negative entries \(min -0.5\).*project_\(\)"):
+        pk.fixed_point(u, w)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight(problem, bad):
+    u, w = problem
+    w[0, 0] = bad
+    with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+        pk.fixed_point(u, w)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_injection(problem, bad):
+    u, w = problem
+    u[3, 1] = bad
+    with pytest.raises(ValueError, match=r"u \(the injection\) contains NaN or Inf"):
+        pk.fixed_point(u, w)
+
+
+def test_negative_injection(problem):
+    u, w = problem
+    u[0, 0] = -1.0
+    with pytest.raises(ValueError, match=r"negative entries.*softplus\(beta=5\).*relu"):
+        pk.fixed_point(u, w)
+
+
+@pytest.mark.parametrize(
+    "u_shape, w_shape, match",
+    [
+        ((4, 6), (6, 5), r"u of shape \(B, d\) and weight \(d, d\)"),
+        ((4, 5), (6, 6), r"got u \(4, 5\), weight \(6, 6\)"),
+        ((4, 6, 1), (6, 6), r"dense pcDEQ needs u of shape \(B, d\)"),
+        ((2, 3, 5, 5), (3, 3, 5, 5), r"weight \(C, C, 3, 3\)"),
+        ((2, 4, 5, 5), (3, 3, 3, 3), r"convolutional pcDEQ needs"),
+        ((6,), (6,), r"weight must have shape \(d, d\) \(dense\) or \(C, C, 3, 3\)"),
+    ],
+)
+def test_wrong_shapes(u_shape, w_shape, match):
+    with pytest.raises(ValueError, match=match):
+        pk.fixed_point(torch.rand(u_shape), torch.rand(w_shape))
+
+
+def test_wrong_dtypes(problem):
+    u, w = problem
+    with pytest.raises(TypeError, match=r"u is torch.float32 but weight is torch.float64"):
+        pk.fixed_point(u, w.double())
+    with pytest.raises(TypeError, match=r"u has dtype torch.int64"):
+        pk.fixed_point(torch.ones(4, 6, dtype=torch.long), w)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        pk.fixed_point(u.numpy(), w)
+
+
+def test_wrong_device(problem):
+    u, w = problem
+    with pytest.raises(ValueError, match=r"u is on cpu but weight is on meta"):
+        pk.fixed_point(u, w.to("meta"))
+
+
+def test_unknown_activation_and_keyword(problem):
+    u, w = problem
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        pk.fixed_point(u, w, "gelu")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tolerance'"):
+        pk.fixed_point(u, w, tolerance=1e-3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_iters'"):
+        pk.PCDEQLinear(6, max_iters=10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_iter=0), "max_iter must be an integer >= 1"),
+        (dict(max_iter=2.5), "max_iter must be an integer >= 1"),
+        (dict(backward_max_iter=-1), "backward_max_iter must be an integer >= 1"),
+        (dict(tol=0), "tol must be a positive finite number"),
+        (dict(tol=-1e-3), "tol must be a positive finite number"),
+        (dict(tol=float("nan")), "tol must be a positive finite number"),
+        (dict(backward_tol=0.0), "backward_tol must be a positive finite number"),
+        (dict(stop="global"), r"stop must be one of \('sample', 'batch'\)"),
+        (dict(backward="unrolled"), r"backward must be one of \('implicit', 'jfb'\)"),
+        (dict(on_nonconvergence="silent"), "on_nonconvergence must be one of"),
+        (dict(backend="numba"), "unknown backend 'numba'"),
+    ],
+)
+def test_bad_options(problem, kwargs, match):
+    u, w = problem
+    with pytest.raises(ValueError, match=match):
+        pk.fixed_point(u, w, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda", "triton"])
+def test_unavailable_backend_says_so(problem, name):
+    if pk.available_backends()[name]:
+        pytest.skip(f"backend {name} is available in this build")
+    u, w = problem
+    with pytest.raises(RuntimeError, match=f"backend '{name}' is not available: "):
+        pk.fixed_point(u, w, backend=name)
+
+
+def test_bad_z0(problem):
+    u, w = problem
+    with pytest.raises(ValueError, match="z0 must be a tensor shaped like u"):
+        pk.fixed_point(u, w, z0=torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="z0 has negative entries"):
+        pk.fixed_point(u, w, z0=-torch.ones_like(u))
+
+
+def test_nonconvergence_is_reported_warned_or_raised(problem):
+    u, w = make_problem(4, 6, "tanh", weight_scale=0.9)
+    with pytest.warns(RuntimeWarning, match=r"4 of 4 samples did not reach tol=1e-12 within max_iter=3"):
+        _, stats = pk.fixed_point(u, w, tol=1e-12, max_iter=3)
+    assert not stats.converged.any() and (stats.forward_iterations == 3).all()
+    with pytest.raises(pk.NonConvergenceError, match="raise max_iter or tol"):
+        pk.fixed_point(u, w, tol=1e-12, max_iter=3, on_nonconvergence="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, stats = pk.fixed_point(u, w, tol=1e-12, max_iter=3, on_nonconvergence="ignore")
+    assert not stats.converged.any()
+
+
+def test_backward_nonconvergence_raises_when_asked(problem):
+    u, w = make_problem(4, 6, "tanh", weight_scale=0.9)
+    u.requires_grad_()
+    z, _ = pk.fixed_point(u, w, tol=1e-12, backward_max_iter=2, on_nonconvergence="raise")
+    with pytest.raises(pk.NonConvergenceError, match="backward solve: 4 of 4 samples"):
+        z.sum().backward()
+
+
+def test_module_rejects_invalid_pairs_and_names():
+    with pytest.raises(ValueError, match=r"activation 'tanh' has tanh\(0\) = 0.*injection='softplus'"):
+        pk.PCDEQLinear(8, "tanh", injection="relu")
+    with pytest.raises(ValueError, match="unknown injection 'exp'"):
+        pk.PCDEQLinear(8, "tanh", injection="exp")
+    with pytest.raises(ValueError, match="unknown parametrization 'spectral'"):
+        pk.PCDEQLinear(8, parametrization="spectral")
+    layer = pk.PCDEQLinear(8)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        layer.backend = "fast"
+    with pytest.raises(ValueError, match=r"expects input \(\.\.\., 8\), got \(2, 7\)"):
+        layer(torch.randn(2, 7))
+    with pytest.raises(ValueError, match=r"expects input \(B, 3, H, W\), got \(2, 4, 5, 5\)"):
+        pk.PCDEQConv2d(3)(torch.randn(2, 4, 5, 5))
