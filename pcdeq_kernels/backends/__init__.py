@@ -12,12 +12,21 @@ kind; the reference serves everything, so ``"auto"`` never fails.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 from . import reference
 
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 _BACKENDS: dict[str, ModuleType] = {"reference": reference}
+# Optional backends live in modules of the same name (backends/cpu.py, cuda.py, triton.py); each
+# reports through is_available()/unavailable_reason() whether its compiled code or package is there.
+for _name in BACKEND_NAMES[1:]:
+    try:
+        _BACKENDS[_name] = importlib.import_module(f".{_name}", __name__)
+    except ModuleNotFoundError as _err:
+        if _err.name != f"{__name__}.{_name}":
+            raise
 # Fastest first, per device type. Later backends register themselves here.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
