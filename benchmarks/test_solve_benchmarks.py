@@ -1,58 +1,65 @@
-"""Forward solve and forward+backward step: every backend that runs on this machine's CPU against
-the official algorithm's loop, on the same data. CPU only here (the Triton interpreter is never timed).
+"""pytest-benchmark microbenchmarks: forward solve and forward+backward step, every path of
+``pcdeq_kernels.bench.paths`` (project backends, the official loop, torchdeq) on the same data.
 
-    python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:shape,param:step
+    python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:shape,param:mode
+    python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:shape -k "64x80"
+
+On CUDA machines the GPU is benchmarked (the timed function synchronizes); on CPU machines the CPU
+paths are (the Triton interpreter is never timed). In CI the benchmarks run once each
+(``--benchmark-disable``) as correctness checks: every path must agree with the official answer.
 """
 
 import pytest
 import torch
 
-import pcdeq_kernels as pk
-from pcdeq_kernels.official import official_fixed_point
+from pcdeq_kernels.bench import paths
 
-from problems import make_problem
-
-SHAPES = {"paper B=64 d=80": (64, 80), "B=1024 d=256": (1024, 256)}
-CPU_BACKENDS = [b for b in ("reference", "cpu") if pk.available_backends()[b]]
-PATHS = ["official"] + CPU_BACKENDS
-
-
-def _problem(shape):
-    batch, dim = SHAPES[shape]
-    # row sums around 0.9: the regime trained pcDEQ layers reach (tens of iterations at tol 1e-4)
-    return make_problem(batch, dim, "tanh", dtype=torch.float32, weight_scale=0.9, u_offset=0.5)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = {"64x80": (64, 80), "1024x256": (1024, 256)}
+if DEVICE == "cuda":
+    SHAPES.update({f"{b}x{d}": (b, d) for b in (256, 1024, 8192) for d in (256, 1024, 4096)})
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+AVAILABLE = paths.available_paths(DEVICE)
+ALL_PATHS = list(paths.PEERS) + [p for p in AVAILABLE if p not in paths.PEERS]
 
 
-def _forward(path, u, w):
-    if path == "official":
-        with torch.no_grad():
-            return official_fixed_point(u, w, "tanh")[0]
-    return pk.fixed_point(u, w, "tanh", stop="batch", backend=path)[0]
+def _runner(path, shape, dtype):
+    if AVAILABLE[path]:
+        pytest.skip(f"{path}: {AVAILABLE[path]}")
+    u, w = paths.make_problem(*SHAPES[shape], device=DEVICE, dtype=dtype)
+    return paths.runner(path, u, w), paths.runner("official", u, w)
 
 
-def _train_step(path, u, w):
-    u = u.detach().requires_grad_()
-    w = w.detach().requires_grad_()
-    z = official_fixed_point(u, w, "tanh")[0] if path == "official" else pk.fixed_point(u, w, "tanh", backend=path)[0]
-    z.square().sum().backward()
-    return u.grad, w.grad
+def _sync(fn):
+    def timed():
+        out = fn()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return timed
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("path", PATHS)
-def test_forward_solve(benchmark, shape, path):
-    u, w = _problem(shape)
-    z_official = _forward("official", u, w)
-    z = benchmark(_forward, path, u, w)
-    # both stop within tol=1e-4 of the fixed point (the official output is one step further)
-    assert ((z - z_official).norm() / z_official.norm()).item() < 1e-3
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("mode", ["forward"])
+def test_forward_solve(benchmark, mode, path, shape, dtype):
+    run, official = _runner(path, shape, dtype)
+    z = benchmark(_sync(run.forward))
+    assert _rel(z, official.forward()) < 1e-3  # all stop within tol=1e-4 of the fixed point
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("path", PATHS)
-def test_forward_backward_step(benchmark, shape, path):
-    u, w = _problem(shape)
-    want = _train_step("official", u, w)
-    got = benchmark(_train_step, path, u, w)
-    for g, e in zip(got, want):
-        assert ((g - e).norm() / e.norm()).item() < 1e-2  # both solves stop at tol=1e-4
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("mode", ["train"])
+def test_forward_backward_step(benchmark, mode, path, shape, dtype):
+    run, official = _runner(path, shape, dtype)
+    grads = benchmark(_sync(run.train_step))
+    for got, want in zip(grads, official.train_step()):
+        assert _rel(got, want) < 1e-2  # forward and adjoint both stop at tol=1e-4

@@ -10,5 +10,5 @@ if [ "${TORCH_SPEC:-torch==2.13.0}" != skip ]; then
   pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 pip install -q "setuptools>=64" wheel
-pip install -q --no-build-isolation -e ".[test,demo,triton]"
+pip install -q --no-build-isolation -e ".[test,demo,triton,bench]"
 python -c "import pcdeq_kernels as pk, torch; print('pcdeq_kernels', pk.__version__, 'torch', torch.__version__, 'backends', pk.available_backends())"

@@ -1,12 +1,15 @@
 """Shared test fixtures. TRITON_INTERPRET must be set before any Triton kernel is defined, so it is
-set here, first (DESIGN.md section 5): on machines without a GPU the Triton backend runs on CPU tensors."""
+set here, first (DESIGN.md section 5): on machines without a GPU the Triton backend runs on CPU tensors
+(importing torch defines no Triton kernel, so checking for a GPU first is safe)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # on a GPU machine the real kernels are tested
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 

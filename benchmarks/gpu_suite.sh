@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One command on a GPU machine with no network (torch, triton, pytest, pytest-benchmark and ninja
+# already installed): build the extension from source, run the tests on the GPU, run the benchmark
+# report, and write everything under OUT. Budget: under 10 minutes.
+#
+#   benchmarks/gpu_suite.sh OUT_DIR
+set -uo pipefail
+OUT=$(realpath -m "${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}")
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # real kernels on the real GPU
+status=0
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log, remember failures
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 5 "$OUT/$name.log"
+  [ $rc -eq 0 ] || { echo "!! $name failed (rc $rc), see $OUT/$name.log"; status=1; }
+}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  python -c "import triton; print('triton', triton.__version__)" 2>&1
+} >"$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+step build 300 env MAX_JOBS="${MAX_JOBS:-16}" python setup.py build_ext --inplace
+step tests 240 python -m pytest tests -x -q -rs --junitxml="$OUT/tests.xml"
+step bench-float32 150 python -m pcdeq_kernels.bench --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
+step bench-bfloat16 120 python -m pcdeq_kernels.bench --device cuda --dtype bfloat16 --min-seconds 0.2 --no-progress --out "$OUT"
+echo "results in $OUT"
+exit $status

@@ -1,0 +1,52 @@
+"""python -m pcdeq_kernels.bench: time every backend against the official loop and torchdeq."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .report import FULL_SHAPES, QUICK_SHAPES, convergence_history, format_table, run_grid, write_outputs
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes look like 64x80,1024x256; got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pcdeq_kernels.bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help=f"the small grid {QUICK_SHAPES} (CPU: under 3 minutes)")
+    p.add_argument("--shapes", type=_shapes, help="comma-separated BxD, e.g. 64x80,8192x4096")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--paths", help="comma-separated subset, e.g. official,reference,cpu,torchdeq-fpi")
+    p.add_argument("--modes", default="forward,train")
+    p.add_argument("--min-seconds", type=float, default=0.3, help="time spent per measurement")
+    p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG files")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA build of torch and a GPU")
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    result = run_grid(
+        shapes, device=args.device, dtype=DTYPES[args.dtype], activation=args.activation, tol=args.tol,
+        modes=tuple(args.modes.split(",")), paths_to_run=args.paths.split(",") if args.paths else None,
+        min_seconds=args.min_seconds, progress=not args.no_progress,
+    )
+    result["command"] = "python -m pcdeq_kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(format_table(result))
+    for path in write_outputs(result, convergence_history(activation=args.activation), args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The benchmark report command on a tiny grid: table, JSON with versions, plots, agreement check."""
+
+import json
+
+import pytest
+
+from pcdeq_kernels.bench import paths
+from pcdeq_kernels.bench.__main__ import main
+
+
+def test_report_writes_table_json_and_plots(tmp_path, capsys):
+    assert main(["--shapes", "16x12,5x33", "--min-seconds", "0.01", "--out", str(tmp_path), "--no-progress",
+                 "--paths", "official,reference"]) == 0
+    out = capsys.readouterr().out
+    assert "official" in out and "reference" in out and "vs official" in out
+    (json_file,) = tmp_path.glob("*.json")
+    result = json.loads(json_file.read_text())
+    assert result["machine"]["torch"] and "triton" in result["machine"] and result["command"].startswith("python -m")
+    rows = result["results"]
+    assert {tuple(r["shape"]) for r in rows} == {(16, 12), (5, 33)}
+    assert {r["mode"] for r in rows} == {"forward", "train"}
+    assert all(r["median_ms"] > 0 and r["forward_iterations"] > 1 for r in rows)
+    assert all(r["speedup_vs_official"] == 1.0 for r in rows if r["path"] == "official")
+    conv = result["convergence"]
+    assert all(e <= b + 1e-12 for e, b in zip(conv["forward_error"], conv["bound"]))
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 2
+
+
+def test_paths_agree_and_missing_peers_say_why():
+    u, w = paths.make_problem(8, 10)
+    z_ref = paths.runner("official", u, w).forward()
+    for name, why in paths.available_paths("cpu").items():
+        if why:
+            assert len(why) > 10  # a reason a user can act on
+            continue
+        if name == "triton":
+            continue
+        z = paths.runner(name, u, w).forward()
+        assert ((z - z_ref).norm() / z_ref.norm()).item() < 1e-3
+
+
+def test_bad_shapes_argument():
+    with pytest.raises(SystemExit):
+        main(["--shapes", "64by80"])
