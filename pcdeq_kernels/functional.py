@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backends, ops, reference
 from .activations import get_activation
@@ -120,6 +121,7 @@ class _FixedPoint(torch.autograd.Function):
         return z, its, res, conv
 
     @staticmethod
+    @once_differentiable  # double backward would need the adjoint's own derivative: a clear error instead
     def backward(ctx, grad_z, *_):
         u, weight, z = ctx.saved_tensors
         cfg = ctx.config

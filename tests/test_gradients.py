@@ -121,3 +121,12 @@ def test_half_precision_gradients_flow_in_the_input_dtype(dtype):
     # solved in float32 from rounded inputs; the gradients are rounded to the half dtype at the end
     assert _rel_err(gu.double(), gu64) < 4 * torch.finfo(dtype).eps
     assert _rel_err(gw.double(), gw64) < 4 * torch.finfo(dtype).eps
+
+
+def test_double_backward_is_an_error_not_a_silent_zero():
+    u, w = make_problem(3, 4, "tanh")
+    u.requires_grad_()
+    z, _ = pk.fixed_point(u, w)
+    (g,) = torch.autograd.grad(z.sum(), u, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
