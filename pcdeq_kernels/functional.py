@@ -70,6 +70,8 @@ def _problem_kind(u: Tensor, weight: Tensor) -> str:
         raise TypeError(f"u is {u.dtype} but weight is {weight.dtype}; cast them to one dtype")
     if u.device != weight.device:
         raise ValueError(f"u is on {u.device} but weight is on {weight.device}; move them to one device")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has zero rows; a pcDEQ layer needs at least one feature or channel")
     if weight.dim() == 2:
         if u.dim() != 2 or weight.shape[0] != weight.shape[1] or u.shape[1] != weight.shape[0]:
             raise ValueError(
@@ -187,6 +189,8 @@ def fixed_point(
         backward_tol=float(backward_tol), backward_max_iter=int(backward_max_iter),
         on_nonconvergence=on_nonconvergence, backend=backends.resolve(backend, u.device.type, kind),
     )
+    if u.shape[0] == 0:  # an empty batch (e.g. an empty DDP shard): nothing to solve, any backend agrees
+        config["backend"] = "reference"
     u = u.contiguous()
     weight = weight.contiguous()
     z0 = None if z0 is None else z0.to(u.dtype).contiguous()

@@ -14,6 +14,7 @@ Gradients are attached one level up, in ``functional.py``.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -30,29 +31,29 @@ class NonConvergenceError(RuntimeError):
 
 
 def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor]) -> None:
-    """Reject negative or non-finite inputs with one host read for all checks."""
-    flags = [(weight < 0).any(), ~torch.isfinite(weight).all(), ~torch.isfinite(u).all(), (u < 0).any()]
-    if z0 is not None:
-        flags += [~torch.isfinite(z0).all(), (z0 < 0).any()]
-    flags = torch.stack(flags).tolist()
-    if flags[0]:
-        raise ValueError(
-            f"weight has negative entries (min {weight.min().item():.3g}); a pcDEQ layer needs W >= 0. "
-            "Call layer.project_() after each optimizer step, or use parametrization='softplus'."
-        )
-    if flags[1]:
-        raise ValueError("weight contains NaN or Inf; check the learning rate and the weight's parametrization")
-    if flags[2]:
-        raise ValueError("u (the injection) contains NaN or Inf; check the layer's input")
-    if flags[3]:
-        raise ValueError(
-            f"u (the injection) has negative entries (min {u.min().item():.3g}); pcDEQ needs u >= 0: "
-            "pass the input through softplus(beta=5) (pcDEQ-1) or relu (pcDEQ-2) first"
-        )
-    if z0 is not None and flags[4]:
-        raise ValueError("z0 contains NaN or Inf")
-    if z0 is not None and flags[5]:
-        raise ValueError("z0 has negative entries; the iteration must start in the nonnegative orthant")
+    """Reject negative or non-finite inputs. One min/max pass per tensor and one host read in all
+    (NaN propagates through min and max, so non-finite entries show up as a non-finite extreme)."""
+    named = [("weight", weight), ("u", u)] + ([("z0", z0)] if z0 is not None else [])
+    named = [(name, t) for name, t in named if t.numel() > 0]  # an empty batch has nothing to check
+    extremes = torch.stack([x for _, t in named for x in torch.aminmax(t)]).tolist()
+    for i, (name, t) in enumerate(named):
+        lo, hi = extremes[2 * i], extremes[2 * i + 1]
+        what = {"weight": "weight", "u": "u (the injection)", "z0": "z0"}[name]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            fix = {
+                "weight": "check the learning rate and the weight's parametrization",
+                "u": "check the layer's input",
+                "z0": "pass a finite starting point",
+            }[name]
+            raise ValueError(f"{what} contains NaN or Inf; {fix}")
+        if lo < 0:
+            fix = {
+                "weight": "a pcDEQ layer needs W >= 0. Call layer.project_() after each optimizer step, "
+                "or use parametrization='softplus'.",
+                "u": "pcDEQ needs u >= 0: pass the input through softplus(beta=5) (pcDEQ-1) or relu (pcDEQ-2) first",
+                "z0": "the iteration must start in the nonnegative orthant",
+            }[name]
+            raise ValueError(f"{what} has negative entries (min {lo:.3g}); {fix}")
 
 
 def _apply_policy(what: str, converged: Tensor, residual: Tensor, tol: float, max_iter: int, policy: str) -> None:

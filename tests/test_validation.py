@@ -161,3 +161,16 @@ def test_module_rejects_invalid_pairs_and_names():
         layer(torch.randn(2, 7))
     with pytest.raises(ValueError, match=r"expects input \(B, 3, H, W\), got \(2, 4, 5, 5\)"):
         pk.PCDEQConv2d(3)(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("shape, w_shape", [((0, 4), (4, 4)), ((0, 4, 3, 5), (4, 4, 3, 3))])
+def test_empty_batch_is_fine(shape, w_shape):
+    u = torch.rand(shape, requires_grad=True)
+    z, stats = pk.fixed_point(u, torch.rand(w_shape) * 0.01)
+    z.sum().backward()
+    assert z.shape == shape and u.grad.shape == shape and stats.forward_iterations.shape == (0,)
+
+
+def test_zero_features_is_an_error():
+    with pytest.raises(ValueError, match="weight has zero rows"):
+        pk.fixed_point(torch.rand(3, 0), torch.rand(0, 0))
