@@ -1,0 +1,40 @@
+// Registration of the compiled solvers as the torch ops pcdeq_C::forward_solve / adjoint_solve.
+//
+// The schemas are defined once here; each device adds its kernels under the same names with its own
+// TORCH_LIBRARY_IMPL block (CPU below; a CUDA build adds `TORCH_LIBRARY_IMPL(pcdeq_C, CUDA, m)` in
+// csrc/cuda/). pcdeq_kernels/backends/cpu.py registers the fake (meta) kernels and calls the ops.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/solver.h"
+
+// `import pcdeq_kernels._C` loads this library, which runs the registrations below. The Python
+// module itself is empty: the ops live under torch.ops.pcdeq_C.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",     // name
+      nullptr,  // doc
+      -1,       // per-interpreter state size: none
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(pcdeq_C, m) {
+  // activation: pcdeq_kernels.activations kernel_id (0 tanh, 1 softsign, 2 relu6, 3 sigmoid).
+  // batch_stop: false for the per-sample rule ("sample"), true for the whole-batch one ("batch").
+  // Returns (z*, iterations int32 (B,), residual (B,), converged bool (B,)).
+  m.def(
+      "forward_solve(Tensor u, Tensor weight, Tensor? z0, int activation, float tol, int max_iter, "
+      "bool batch_stop) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Solves h = D * (h @ W + v) from h_0 = D * v. Returns (h*, iterations, residual, converged).
+  m.def(
+      "adjoint_solve(Tensor v, Tensor weight, Tensor D, float tol, int max_iter, bool batch_stop) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pcdeq_C, CPU, m) {
+  m.impl("forward_solve", &pcdeq::cpu::forward_solve);
+  m.impl("adjoint_solve", &pcdeq::cpu::adjoint_solve);
+}

@@ -1,0 +1,391 @@
+"""The compiled C++ CPU backend (pcdeq_kernels._C, backend="cpu") against the reference solver.
+
+Skipped as a whole only when the extension is not built (CI builds it: `pip install
+--no-build-isolation -e .`). Tolerances, each with its reason:
+
+- float64 solves use tol 1e-9: iterates then agree to BLAS summation-order rounding (1e-12 relative),
+  and iteration counts are equal unless a residual sits within 1e-6 relative of tol (then a rounding
+  difference may decide the step: off by one is allowed there, and only there).
+- float32 solves use tol 1e-4 (the default). The residual r = ||x_next - x|| / ||x_next|| moves by a
+  few eps (absolute) when the iterates move by an ulp, i.e. by ~5e-3 relative at r ~ tol = 1e-4: off
+  by one is allowed where r is within 1e-2 relative of tol; iterates agree to 1e-5 (a few ulps
+  amplified by 1/(1-c)).
+- Residuals agree to 1e-3 relative plus 16 eps absolute, for the same reason.
+"""
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import pcdeq_kernels as pk
+from pcdeq_kernels import backends, reference
+from pcdeq_kernels.activations import ACTIVATIONS, get_activation
+from pcdeq_kernels.backends import cpu
+
+from problems import ALL_ACTIVATIONS, make_problem
+
+if not cpu.is_available():
+    pytest.skip(f"the C++ CPU backend is not built: {cpu.unavailable_reason()}", allow_module_level=True)
+
+HEADER = Path(__file__).parents[1] / "csrc" / "include" / "pcdeq" / "activations.h"
+SHAPES = [(b, d) for b in (1, 7, 33) for d in (1, 5, 80, 131)]
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+NEAR_TOL = {torch.float64: 1e-6, torch.float32: 1e-2}  # relative band around tol (module docstring)
+STATE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def _step_residuals(step_fn, x0, steps, stop):
+    """The reference's residual after exactly `steps` applications of the map, with no early exit:
+    per sample (stop="sample") or the whole-batch ratio broadcast to every sample ("batch")."""
+    x = x0
+    for _ in range(steps - 1):
+        x = step_fn(x)
+    x_next = step_fn(x)
+    if stop == "batch":
+        return reference.batch_relative_residual(x_next, x).expand(x0.shape[0])
+    return reference.relative_residual(x_next, x)
+
+
+def _check_against_reference(got, want, step_fn, x0, tol, stop, dtype):
+    """Counts equal except off by one at a residual near tol; states, residuals, flags agree."""
+    x, its, res, conv = got
+    x_ref, its_ref, res_ref, conv_ref = want
+    assert x.dtype == x_ref.dtype and its.dtype == torch.int32 and conv.dtype == torch.bool
+    assert res.dtype == res_ref.dtype
+    differ = its != its_ref
+    if differ.any():
+        assert ((its - its_ref).abs() <= 1).all(), (its, its_ref)
+        # at the earlier of the two counts one side stopped and the other did not: r must sit at tol
+        for b in differ.nonzero().flatten().tolist():
+            k = int(min(its[b], its_ref[b]))
+            r = _step_residuals(step_fn, x0, k, stop)[b].item()
+            assert abs(r - tol) <= NEAR_TOL[dtype] * tol, (b, k, r, tol)
+    same = ~differ
+    torch.testing.assert_close(x[same], x_ref[same], rtol=STATE_RTOL[dtype], atol=STATE_RTOL[dtype])
+    torch.testing.assert_close(x[differ], x_ref[differ], rtol=10 * tol, atol=10 * tol)  # one step apart
+    # r = ||x_next - x|| / ||x_next||: rounding every entry of the iterates by an ulp moves r by a few
+    # eps in absolute terms, whatever r is
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(res[same], res_ref[same], rtol=1e-3, atol=16 * eps)
+    assert torch.equal(conv, conv_ref)
+
+
+def _forward_step(u, w, activation):
+    act = get_activation(activation).fn
+    return lambda z: act(reference.linear_map(z, w) + u)
+
+
+def _adjoint_problem(batch, dim, activation, dtype, seed=0):
+    u, w = make_problem(batch, dim, activation, dtype=torch.float64, seed=seed)
+    z, *_ = reference.forward_solve(u, w, activation, tol=1e-13, max_iter=2000)
+    D = reference.activation_derivative_at(z, u, w, activation)
+    v = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return v.to(dtype), w.to(dtype), D.to(dtype)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so that the solver splits rows into blocks run by OpenMP workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the activation table and the header --------------------------------------------------------
+
+
+def test_header_enum_ids_equal_the_activation_table_kernel_ids():
+    text = HEADER.read_text()
+    body = re.search(r"enum\s+Activation\s*:\s*int\s*\{(.*?)\}", text, re.S).group(1)
+    ids = {name.lower(): int(value) for name, value in re.findall(r"(\w+)\s*=\s*(\d+)", body)}
+    assert ids == {name: a.kernel_id for name, a in ACTIVATIONS.items()}
+
+
+HEADER_PROGRAM = r"""
+#include <cstdio>
+#include <pcdeq/activations.h>
+int main() {
+  double x;
+  while (std::scanf("%lf", &x) == 1) {
+    for (int id = 0; id < pcdeq::kNumActivations; ++id) {
+      std::printf("%.17g %.17g ", pcdeq::activation(id, x), pcdeq::activation_derivative(id, x));
+    }
+    std::printf("\n");
+  }
+}
+"""
+
+
+def test_header_scalar_math_matches_the_activation_table(tmp_path):
+    # the scalar functions CUDA code will share, derivatives included, compiled on their own (float64)
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "main.cpp").write_text(HEADER_PROGRAM)
+    exe = tmp_path / "main"
+    subprocess.run([compiler, "-std=c++17", f"-I{HEADER.parents[1]}", str(tmp_path / "main.cpp"), "-o", str(exe)], check=True)
+    x = torch.cat([torch.linspace(-8, 8, 161, dtype=torch.float64), torch.tensor([0.0, 6.0, -40.0, 40.0], dtype=torch.float64)])
+    out = subprocess.run([str(exe)], input="\n".join(map(repr, x.tolist())), capture_output=True, text=True, check=True)
+    got = torch.tensor([list(map(float, line.split())) for line in out.stdout.splitlines()], dtype=torch.float64)
+    eps = torch.finfo(torch.float64).eps
+    for a in ACTIVATIONS.values():
+        # libm and torch may round differently by an ulp; 1 - tanh^2 and s (1 - s) turn that into an
+        # absolute error of a few eps in the derivative
+        torch.testing.assert_close(got[:, 2 * a.kernel_id], a.fn(x), rtol=2 * eps, atol=0)
+        torch.testing.assert_close(got[:, 2 * a.kernel_id + 1], a.derivative(x), rtol=2 * eps, atol=4 * eps)
+
+
+def _one_step(x, activation):
+    """act(x) computed by the backend: one step from z0 = 0 with W = 0 gives act(0 + u), u = x.
+    Rows of 131 run the SIMD body and the scalar tail of the fused pass."""
+    d = 131
+    n = x.numel()
+    pad = (-n) % d
+    u = torch.cat([x, x.new_zeros(pad)]).view(-1, d)
+    w = x.new_zeros(d, d)
+    z, *_ = torch.ops.pcdeq_C.forward_solve(u, w, None, get_activation(activation).kernel_id, 1e-4, 1, False)
+    return z.flatten()[:n]
+
+
+def _ulps(got, exact, dtype):
+    """|got - exact| in units of the spacing of the dtype at exact (exact given in float64)."""
+    rounded = exact.to(dtype).abs()
+    spacing = (torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype)) - rounded).double()
+    return (got.double() - exact).abs() / spacing
+
+
+# Error bounds of the backend's formulas (csrc/cpu/vec_activations.h), in ulps of the result: float32
+# tanh from exp or its series, 2; softsign, two rounded operations, 1.5; relu6 exact; sigmoid, a
+# 1-ulp exp then a division (and for x < 0 a product), 2.5. float64 is compared with torch's float64,
+# itself up to 1 ulp off the exact value, so 1 ulp is added there.
+MAX_ULPS = {"tanh": 2.0, "softsign": 1.5, "relu6": 0.0, "sigmoid": 2.5}
+
+
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_activation_accuracy(activation, dtype):
+    grid = torch.linspace(-30, 30, 20001, dtype=torch.float64)
+    tiny = torch.logspace(-30, 0, 3001, dtype=torch.float64)
+    x = torch.cat([grid, tiny, -tiny, torch.tensor([0.0, 0.625, -0.625, 6.0, 100.0, -100.0], dtype=torch.float64)])
+    x = x.to(dtype)
+    exact = get_activation(activation).fn(x.double())
+    got = _one_step(x, activation)
+    assert got.dtype == dtype
+    bound = MAX_ULPS[activation] + (1.0 if dtype == torch.float64 else 0.0)
+    assert _ulps(got, exact, dtype).max().item() <= bound
+    special = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+    torch.testing.assert_close(_one_step(special, activation), get_activation(activation).fn(special), equal_nan=True)
+
+
+# --- forward and adjoint solves against the reference ------------------------------------------
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_forward_solve_matches_reference(activation, dtype, stop):
+    tol = TOL[dtype]
+    for seed, (batch, dim) in enumerate(SHAPES):
+        u, w = make_problem(batch, dim, activation, dtype=dtype, seed=seed, weight_scale=0.8)
+        got = cpu.forward_solve(u, w, None, activation, tol, 500, stop)
+        want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
+        _check_against_reference(got, want, _forward_step(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        assert got[3].all()
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_adjoint_solve_matches_reference(activation, dtype, stop):
+    tol = TOL[dtype]
+    for seed, (batch, dim) in enumerate(SHAPES):
+        v, w, D = _adjoint_problem(batch, dim, activation, dtype, seed=seed)
+        got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
+        want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
+        _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_ragged_convergence_and_thread_blocks(stop, two_threads):
+    # rows with very different injections converge at very different steps, so the active set
+    # shrinks many times (and is recut into per-thread blocks each time)
+    u, w = make_problem(257, 131, "softsign", weight_scale=0.95)
+    u = u * torch.logspace(-3, 1, 257, dtype=torch.float64)[:, None]
+    got = cpu.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
+    want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
+    if stop == "sample":
+        assert want[1].unique().numel() > 5  # the point of the test
+    step = _forward_step(u, w, "softsign")
+    _check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
+
+
+def test_max_iter_cap_and_no_convergence():
+    u, w = make_problem(9, 17, "tanh", weight_scale=0.9)
+    for stop in ("sample", "batch"):
+        z, its, res, conv = cpu.forward_solve(u, w, None, "tanh", 1e-30, 6, stop)
+        z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "tanh", tol=1e-30, max_iter=6, stop=stop)
+        assert (its == 6).all() and not conv.any() and torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
+        torch.testing.assert_close(z, z_ref, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(res, res_ref, rtol=1e-8, atol=0)
+
+
+def test_nan_residual_never_counts_as_converged():
+    u, w = make_problem(4, 6, "sigmoid")
+    u[2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
+    for stop in ("sample", "batch"):
+        z, its, res, conv = cpu.forward_solve(u, w, None, "sigmoid", 1e-6, 50, stop)
+        z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "sigmoid", tol=1e-6, max_iter=50, stop=stop)
+        assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
+        assert res[2].isnan() and not conv[2] and its[2] == 50
+        torch.testing.assert_close(z, z_ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_z0_is_the_starting_point(stop):
+    u, w = make_problem(7, 80, "relu6", weight_scale=0.8)
+    z0 = torch.rand_like(u) * 3
+    got = cpu.forward_solve(u, w, z0, "relu6", 1e-9, 500, stop)
+    want = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=500, stop=stop, z0=z0)
+    _check_against_reference(got, want, _forward_step(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
+    # one step from z0 is one map application: z0 really is where the iteration starts
+    one = cpu.forward_solve(u, w, z0, "relu6", 1e-9, 1, stop)[0]
+    torch.testing.assert_close(one, _forward_step(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_is_solved_in_float32(dtype):
+    u, w = make_problem(7, 33, "tanh", dtype=dtype)
+    z0 = torch.rand_like(u)
+    z, its, res, conv = cpu.forward_solve(u, w, z0, "tanh", 1e-4, 200, "sample")
+    z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200, z0=z0)
+    assert z.dtype == dtype and res.dtype == torch.float32 and conv.all()
+    # both solve in float32 (1e-5 apart); rounding that to the half dtype can flip one half-ulp
+    torch.testing.assert_close(z, z_ref, rtol=torch.finfo(dtype).eps, atol=0)
+    v, w64, D = _adjoint_problem(7, 33, "tanh", torch.float64)
+    h, *_ = cpu.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), 1e-4, 200, "sample")
+    h_ref, *_ = reference.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), tol=1e-4, max_iter=200)
+    assert h.dtype == dtype
+    torch.testing.assert_close(h, h_ref, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
+
+
+def test_inputs_are_not_modified_and_strides_do_not_matter():
+    u, w = make_problem(12, 40, "tanh")
+    wide = torch.zeros(12, 80, dtype=torch.float64)
+    wide[:, ::2] = u
+    u_strided = wide[:, ::2]  # not contiguous
+    w_t = w.t().contiguous().t()  # same values, transposed strides
+    before = (u.clone(), w.clone())
+    want = cpu.forward_solve(u, w, None, "tanh", 1e-9, 500, "sample")
+    got = cpu.forward_solve(u_strided, w_t, None, "tanh", 1e-9, 500, "sample")
+    assert torch.equal(u, before[0]) and torch.equal(w, before[1]) and torch.equal(wide[:, ::2], before[0])
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
+
+
+def test_empty_batch():
+    w = torch.rand(5, 5) * 0.1
+    z, its, res, conv = torch.ops.pcdeq_C.forward_solve(torch.zeros(0, 5), w, None, 0, 1e-4, 10, False)
+    assert z.shape == (0, 5) and its.shape == res.shape == conv.shape == (0,)
+
+
+def test_bad_inputs_raise_clear_errors():
+    u, w = make_problem(3, 4, "tanh")
+    op = torch.ops.pcdeq_C.forward_solve
+    with pytest.raises(RuntimeError, match="dense pcDEQ needs u of shape"):
+        op(u, torch.rand(5, 5, dtype=torch.float64), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="but weight is"):
+        op(u, w.float(), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="pcDEQ solves float16, bfloat16, float32 or float64"):
+        op(u.long(), w.long(), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="unknown activation id 7"):
+        op(u, w, None, 7, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="z0 must match u"):
+        op(u, w, u[:2], 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="max_iter must be >= 0"):
+        op(u, w, None, 0, 1e-4, -1, False)
+    with pytest.raises(RuntimeError, match="D must match v"):
+        torch.ops.pcdeq_C.adjoint_solve(u, w, u.float(), 1e-4, 10, False)
+    with pytest.raises(ValueError, match="stop must be one of"):
+        cpu.forward_solve(u, w, None, "tanh", 1e-4, 10, "never")
+
+
+# --- through fixed_point: dispatch, gradients, custom-op checks ---------------------------------
+
+
+def test_auto_picks_cpu_for_dense_cpu_problems_only():
+    u, w = make_problem(3, 4, "tanh")
+    assert pk.available_backends()["cpu"]
+    assert backends.resolve("auto", "cpu", "dense") == "cpu"
+    assert pk.fixed_point(u, w)[1].backend == "cpu"
+    uc, wc = make_problem(2, 3, "tanh", conv_hw=(4, 4))
+    assert pk.fixed_point(uc, wc)[1].backend == "reference"  # conv: the cpu backend is dense only
+    with pytest.raises(ValueError, match="does not support conv problems"):
+        pk.fixed_point(uc, wc, backend="cpu")
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_gradients_match_the_reference_backend_float64(activation, stop):
+    # both backends solve to 1e-13, where the remaining error is float64 rounding
+    u, w = make_problem(6, 37, activation, weight_scale=0.7)
+    weights = torch.randn(6, 37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    results = {}
+    for backend in ("cpu", "reference"):
+        uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
+        z, stats = pk.fixed_point(uu, ww, activation, tol=1e-13, max_iter=5000, stop=stop, backend=backend)
+        assert stats.backend == backend
+        results[backend] = (z, *torch.autograd.grad((z * weights).sum(), (uu, ww)), stats)
+    for got, want in zip(results["cpu"][:3], results["reference"][:3]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-10
+    got_stats, want_stats = results["cpu"][3], results["reference"][3]
+    assert (got_stats.backward_iterations > 0).all()
+    assert (got_stats.forward_iterations - want_stats.forward_iterations).abs().max() <= 1
+    assert (got_stats.backward_iterations - want_stats.backward_iterations).abs().max() <= 1
+
+
+def test_thread_blocks_see_the_callers_autograd_and_inference_state(two_threads):
+    # 64 x 80 is split over two threads, whose matmuls are dispatcher calls: they must run below
+    # autograd (weight requires grad here) and in inference mode when the caller is in it
+    u, w = make_problem(64, 80, "tanh", weight_scale=0.8)
+    uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
+    z, stats = pk.fixed_point(uu, ww, "tanh", tol=1e-12, backend="cpu")
+    gu, gw = torch.autograd.grad(z.square().sum(), (uu, ww))
+    z_ref, _ = pk.fixed_point(u, w, "tanh", tol=1e-12, backend="reference")
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    assert gu.isfinite().all() and gw.isfinite().all() and (stats.backward_iterations > 0).all()
+    with torch.inference_mode():
+        z_inf, _ = pk.fixed_point(u, w, "tanh", tol=1e-12, backend="cpu")
+    torch.testing.assert_close(z_inf, z_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_gradcheck_float64(activation):
+    # u away from 0 (so the -eps probes stay valid, u >= 0) and a light W keep relu6's pre-activations
+    # off its kinks at 0 and 6; d = 17 runs both the SIMD body and the scalar tail of the fused pass
+    u, w = make_problem(3, 17, activation, weight_scale=0.3, u_offset=1.0, u_scale=0.3)
+    u.requires_grad_()
+    w.requires_grad_()
+
+    def f(u, w):
+        return pk.fixed_point(u, w, activation, tol=1e-14, max_iter=5000, backend="cpu")[0]
+
+    assert torch.autograd.gradcheck(f, (u, w), eps=1e-7, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_both_ops(dtype):
+    u, w = make_problem(3, 5, "tanh", dtype=dtype)
+    z0 = torch.rand_like(u)
+    for z_init in (None, z0):
+        for batch_stop in (False, True):
+            torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (u, w, z_init, 0, 1e-6, 100, batch_stop))
+    v, w, D = _adjoint_problem(3, 5, "tanh", dtype)
+    for batch_stop in (False, True):
+        torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, batch_stop))
