@@ -35,28 +35,38 @@ class SolverStats:
 
     ``contraction_bound`` is ``max_i (1 - act(u)_i / z*_i)``: an upper bound on the spectral radius of
     the Jacobian at ``z*`` (so on the adjoint's linear rate), and the rate at which the iteration from
-    0 approaches ``z*`` in the norm ``max_i |x_i| / z*_i``. The backward fields are filled when the
-    gradient is computed (in eager mode; under ``torch.compile`` they stay at 0 / NaN).
+    0 approaches ``z*`` in the norm ``max_i |x_i| / z*_i``. It is computed on first access (the stats
+    keep references to ``z*`` and ``u`` until then). The backward fields are filled when the gradient
+    is computed (in eager mode; under ``torch.compile`` they stay at 0 / NaN).
     """
 
     forward_iterations: Tensor
     forward_residual: Tensor
     converged: Tensor
-    contraction_bound: Tensor
     backward_iterations: Tensor
     backward_residual: Tensor
     backend: str
+    _bound_inputs: Optional[tuple] = dataclasses.field(default=None, repr=False)
+    _bound: Optional[Tensor] = dataclasses.field(default=None, repr=False)
+
+    @property
+    def contraction_bound(self) -> Tensor:
+        if self._bound is None:
+            z, u, activation = self._bound_inputs
+            self._bound = reference.contraction_bound(z, u, activation)
+            self._bound_inputs = None
+        return self._bound
 
     def summary(self) -> dict[str, float]:
         """Batch means and maxima as Python numbers (one host read), for logging."""
-        return {
-            "forward_iterations_mean": self.forward_iterations.float().mean().item(),
-            "forward_iterations_max": int(self.forward_iterations.max().item()),
-            "converged_fraction": self.converged.float().mean().item(),
-            "contraction_bound_max": self.contraction_bound.max().item(),
-            "backward_iterations_mean": self.backward_iterations.float().mean().item(),
-            "backward_iterations_max": int(self.backward_iterations.max().item()),
-        }
+        values = torch.stack([
+            self.forward_iterations.double().mean(), self.forward_iterations.double().max(),
+            self.converged.double().mean(), self.contraction_bound.double().max(),
+            self.backward_iterations.double().mean(), self.backward_iterations.double().max(),
+        ]).tolist()
+        keys = ("forward_iterations_mean", "forward_iterations_max", "converged_fraction",
+                "contraction_bound_max", "backward_iterations_mean", "backward_iterations_max")
+        return dict(zip(keys, values))
 
 
 def _problem_kind(u: Tensor, weight: Tensor) -> str:
@@ -202,10 +212,10 @@ def fixed_point(
         forward_iterations=its,
         forward_residual=res,
         converged=conv,
-        contraction_bound=reference.contraction_bound(z.detach(), u.detach(), activation),
         backward_iterations=torch.zeros(batch, dtype=torch.int32, device=u.device),
         backward_residual=torch.full((batch,), float("nan"), dtype=res.dtype, device=u.device),
         backend=config["backend"],
+        _bound_inputs=(z.detach(), u.detach(), activation),
     )
     stats_out.append(stats)
     return z, stats
