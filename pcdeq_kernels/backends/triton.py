@@ -1,0 +1,72 @@
+"""The Triton backend: fused dense solves (``pcdeq_kernels.triton.dense``) behind the backend interface.
+
+Dense problems only (the 3x3 convolution is not written yet), on CUDA tensors, or, when
+``TRITON_INTERPRET=1``, on CPU tensors only (Triton's interpreter: slow, for testing the kernels on
+machines without a GPU).
+Computes in float32: float16, bfloat16 and float32 inputs are solved exactly as ``reference.py`` solves
+them; float64 inputs are rejected with a TypeError (use the reference or cpu backend for float64).
+
+Triton itself is imported on the first solve, not when ``pcdeq_kernels`` is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+NAME = "triton"
+KINDS = ("dense",)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    """TRITON_INTERPRET as Triton reads it. The kernels module records the value it was defined under."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def is_available() -> bool:
+    return _triton_installed() and (_cuda() or _interpreting())
+
+
+def unavailable_reason() -> str:
+    if not _triton_installed():
+        return (
+            "Triton is not installed: `pip install triton` (with a CUDA GPU), or set TRITON_INTERPRET=1 "
+            "to test on CPU"
+        )
+    if not (_cuda() or _interpreting()):
+        return "no CUDA GPU is visible; the Triton kernels need one (or TRITON_INTERPRET=1 to run them slowly on CPU)"
+    return ""
+
+
+def supports(device_type: str, kind: str) -> bool:
+    """Dense problems; CUDA tensors with compiled kernels, CPU tensors under the interpreter (never
+    both: "auto" must not send CUDA tensors through the slow interpreter)."""
+    if kind not in KINDS:
+        return False
+    if _interpreting():
+        return device_type == "cpu"
+    return device_type == "cuda" and _cuda()
+
+
+def _dense():
+    from ..triton import dense
+
+    return dense
+
+
+def forward_solve(u, weight, z0, activation, tol, max_iter, stop):
+    return _dense().forward_solve(u, weight, z0, activation, tol, max_iter, stop)
+
+
+def adjoint_solve(v, weight, D, tol, max_iter, stop):
+    return _dense().adjoint_solve(v, weight, D, tol, max_iter, stop)

@@ -1,0 +1,846 @@
+"""Fused Triton kernels for the dense pcDEQ map and its adjoint, and their launchers.
+
+Both solves are one kernel shape, ``x_{k+1} = epilogue(x_k @ M + bias)`` with a per-row residual:
+
+    forward   z_{k+1} = act(z_k @ W.T + u)         M[k, n] = W[n, k]   epilogue act(.)   (ACT = kernel_id)
+    adjoint   h_{k+1} = D * (h_k @ W + v)          M[k, n] = W[k, n]   epilogue D * (.)  (ACT = ADJOINT)
+
+so every kernel takes the operand ``M`` as ``w_ptr`` plus two strides (``M[k, n]`` lives at
+``w_ptr + k * stride_wk + n * stride_wn``) and a ``tl.constexpr`` epilogue id: the activation's
+``kernel_id`` from ``activations.py`` for the forward map, ``ADJOINT`` (-1) for the adjoint. The state
+and every accumulation are float32 whatever the operands' dtype (fp32, fp16, bf16: loaded as they are,
+converted in registers), exactly as ``reference.py`` solves half-precision inputs in float32.
+
+Stopping rule, per row ``b`` (``reference.iterate``): ``r_b = ||x_{k+1,b} - x_{k,b}|| / (||x_{k+1,b}||
++ 1e-5)``; with ``stop="sample"`` a row whose ``r_b < tol`` freezes (its state and iteration count stop
+changing, its last residual is kept); with ``stop="batch"`` all rows freeze together once the same ratio
+over the whole batch is below ``tol``. Rows are independent, so a block of rows can run to convergence
+on its own. Three kernels:
+
+``_solve_onchip_kernel``  one launch per solve, padded ``d <= ONCHIP_MAX_DIM`` (128). A program owns
+    ``BLOCK_B`` whole rows; the state tile (BLOCK_B, D_PAD) stays in registers and ``M`` (D_PAD, D_PAD)
+    is loaded once, before the loop (the compiler stages it in shared memory). Each iteration is one
+    ``tl.dot``, the epilogue, two row reductions and the freeze; the loop ends when every row of the
+    block has stopped or after ``max_iter`` iterations. No host synchronisation.
+``_solve_scratch_kernel`` one launch per solve, any ``d``. Triton cannot slice a register tensor, so a
+    K-tiled matmul needs its left operand in memory: the state ping-pongs between two float32 planes of
+    a global scratch buffer (2, B, d) (L2-resident at the sizes where this path is chosen). Per
+    iteration the program walks the (BLOCK_N)-wide column tiles of its rows, each an ordinary K loop,
+    accumulates the row sums in registers, then decides which rows freeze; a CTA barrier separates
+    iterations (one plane is read while the other is written, so one barrier is enough).
+``_step_kernel``          one iteration over a (row block, column tile) grid, for the stepwise path
+    (few row blocks and large ``d``, where one program per row block leaves the GPU idle; and
+    ``stop="batch"``, which needs a grid-wide reduction). Per-row partial sums are combined with
+    atomics. The freeze decision for step ``t`` needs the complete sums of step ``t``, which exist only
+    once its launch has finished, so launch ``t + 1`` makes it (every program recomputes it for its
+    rows; the programs of column tile 0 record it): rotating buffers (sums: 3 slots, active flags: 2)
+    keep readers and writers of one launch on different slots. The host reads the active flags only
+    every ``check_every`` steps; steps after convergence only copy frozen rows.
+
+``choose_path`` picks between the single-launch kernels and the stepwise loop (overridable).
+
+Matmul precision (``resolve_precision``): ``"ieee"`` (exact float32, the default, as torch's
+``"highest"``) or ``"tf32"`` (tensor cores). Triton lowers an ieee ``tl.dot`` to FMAs with each
+thread's operand slices in registers, so the tiled kernels' ieee configs use K blocks of 16 and the
+on-chip kernel's ieee configs smaller row blocks. Configurations (block sizes, warps, stages) are
+autotuned on the GPU among ones that compile without register spills for sm_80 and sm_90
+(``aot_plan``/``aot_compile``; checked by the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from ..activations import get_activation
+from ..reference import RESIDUAL_EPS
+
+
+def _interpreting() -> bool:
+    """Whether Triton's CPU interpreter is on (read the way Triton reads ``TRITON_INTERPRET``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Decided once, when the kernels below are defined: @triton.jit builds interpreter objects or compiled
+# kernels at decoration time, so switching TRITON_INTERPRET later has no effect on this module.
+INTERPRETED = _interpreting()
+
+ADJOINT = -1  # epilogue id of the adjoint map D * (.); activations use their kernel_id >= 0
+SOLVE_PATHS = ("auto", "single", "stepwise")
+PRECISIONS = ("ieee", "tf32")
+DEFAULT_CHECK_EVERY = 8
+MAX_DIM = 46340  # d * d < 2**31: W is indexed with 32-bit offsets
+MAX_BATCH = 2**28  # 6 * B < 2**31: the stepwise path's per-row buffers are indexed with 32-bit offsets
+_EPS = tl.constexpr(RESIDUAL_EPS)  # the stopping rule's denominator guard, shared with the reference
+# "auto" uses the single-launch kernels up to this d even when the row blocks alone cannot fill the
+# GPU: below it one program's iteration (2 * BLOCK_B * d^2 flops) costs about what a launch does.
+SINGLE_LAUNCH_MAX_DIM = 512
+
+
+# ----------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _activation(x, ACT: tl.constexpr):
+    """act(x) in float32 for ``kernel_id`` ACT: 0 tanh, 1 softsign, 2 relu6, 3 sigmoid.
+
+    No libdevice (the interpreter has none): tanh and sigmoid come from ``exp``. For ``|x| >= 0.625``
+    ``tanh|x| = (1 - e) / (1 + e)`` with ``e = exp(-2|x|) <= 0.29`` (no overflow, and the cancellation
+    in ``1 - e`` at most doubles exp's error, which is a few ulp on GPUs: ``ex2.approx``). Below 0.625
+    that cancellation grows without bound as ``x -> 0``, so ``tanh x = x + x^3 P(x^2)`` there, with P of
+    degree 5 fitted for this project (weighted least squares of ``(tanh(x)/x - 1)/x^2`` on [0, 0.625]
+    in float64): relative error 2e-10 in exact arithmetic, about 1 ulp evaluated in float32.
+    """
+    if ACT == 0:
+        ax = tl.abs(x)
+        xs = tl.minimum(tl.maximum(x, -0.625), 0.625)  # the polynomial's range (no overflow outside it)
+        z = xs * xs
+        p = 0.0021536143280329644
+        p = p * z - 0.00818997083729613
+        p = p * z + 0.02170626131393174
+        p = p * z - 0.05394789002143328
+        p = p * z + 0.1333321614999511
+        p = p * z - 0.33333331108468517
+        t_small = xs + xs * z * p
+        e = tl.exp(-2.0 * ax)
+        t_big = (1.0 - e) / (1.0 + e)
+        t_big = tl.where(x < 0.0, -t_big, t_big)
+        y = tl.where(ax < 0.625, t_small, t_big)
+    elif ACT == 1:
+        y = x / (1.0 + tl.abs(x))
+    elif ACT == 2:
+        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
+    else:
+        y = 1.0 / (1.0 + tl.exp(-x))
+    return y
+
+
+@triton.jit
+def _epilogue(acc, bias, scale, ACT: tl.constexpr):
+    """The map's elementwise tail: ``act(acc + bias)``, or ``scale * (acc + bias)`` for the adjoint."""
+    if ACT == -1:  # ADJOINT (a literal: jit code reads only constexpr globals)
+        y = scale * (acc + bias)
+    else:
+        y = _activation(acc + bias, ACT)
+    return y
+
+
+@triton.jit
+def _relative_residual(diff_sq, norm_sq):
+    """``||x_{k+1} - x_k|| / (||x_{k+1}|| + 1e-5)`` from the two squared norms."""
+    return tl.sqrt(diff_sq) / (tl.sqrt(norm_sq) + _EPS)
+
+
+@triton.jit
+def _any(mask):
+    """Whether any entry of a boolean vector is set (a scalar the loop conditions can test)."""
+    return tl.max(mask.to(tl.int32), axis=0) > 0
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def _configs(entries, names):
+    """triton.Config list from tuples ``(*block sizes, num_warps, num_stages)``.
+
+    The interpreter runs only the first config anyway; giving it only that one also skips the
+    autotuner's benchmarking (and makes the tiles it tests the ones listed first: small, so that small
+    test problems still span several tiles).
+    """
+    configs = [triton.Config(dict(zip(names, e[:-2])), num_warps=e[-2], num_stages=e[-1]) for e in entries]
+    return configs[:1] if INTERPRETED else configs
+
+
+# (BLOCK_B, num_warps, num_stages); pruned by _onchip_fits.
+ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1)], ("BLOCK_B",))
+# (BLOCK_B, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K = 16 serves PRECISION="ieee": Triton's
+# fp32 FMA dot holds each thread's slice of both operands for the whole K block in registers, which
+# spills beyond 16; the tensor-core ("tf32") configs take 32 (_prune_tiles). Every config listed
+# compiles without spills for sm_80 and sm_90 with every epilogue and operand dtype
+# (tests/test_backend_triton.py); the others tried (larger tiles, some 4-warp shapes) did not.
+SCRATCH_CONFIGS = _configs(
+    [(16, 64, 32, 4, 2), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
+     (16, 32, 16, 8, 2), (32, 32, 16, 4, 2), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
+    ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
+)
+STEP_CONFIGS = _configs(
+    [(16, 64, 32, 4, 3), (16, 128, 32, 8, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+     (16, 64, 16, 4, 3), (32, 64, 16, 8, 3), (64, 64, 16, 8, 3), (32, 128, 16, 8, 3)],
+    ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
+)
+ONCHIP_MAX_DIM = 128  # largest padded d the on-chip kernel takes (M: 64 KB of fp32 in shared memory)
+
+
+def _onchip_fits(block_b: int, d_pad: int, num_warps: int, precision: str) -> bool:
+    """Whether an on-chip config compiles without register spills, by the rule the AOT compiles bear
+    out (sm_80 and sm_90, every epilogue and dtype): the state tile (BLOCK_B, D_PAD) may spread at most
+    16 fp32 values per thread under tf32, 8 under ieee (the FMA dot holds more operand values), over 8
+    warps. Exceptions, all a few bytes spilled at moderate register counts (Triton 3.9 runs ptxas with
+    --regAllocOptLevel=2): 4 warps from 16 x 64 tiles on, so they serve only tiles up to 16 x 32;
+    BLOCK_B = 64 under ieee (at D_PAD = 16, half-precision operands), so ieee stops at BLOCK_B = 32."""
+    if num_warps < 8:
+        return block_b <= 16 and d_pad <= 32
+    if precision == "ieee":
+        return block_b <= 32 and block_b * d_pad <= 8 * 32 * num_warps
+    return block_b * d_pad <= 16 * 32 * num_warps
+
+
+def _arg(named_args, kwargs, name):
+    return named_args[name] if name in named_args else kwargs[name]
+
+
+def _rows_pruned(configs, batch):
+    """Drop configs whose row block is much larger than the batch (all padding); keep at least one."""
+    wanted = max(16, triton.next_power_of_2(max(batch, 1)))
+    kept = [c for c in configs if c.kwargs["BLOCK_B"] <= wanted]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_B"])]
+
+
+def _prune_onchip(configs, named_args, **kwargs):
+    d_pad, precision = _arg(named_args, kwargs, "D_PAD"), _arg(named_args, kwargs, "PRECISION")
+    fits = [c for c in configs if _onchip_fits(c.kwargs["BLOCK_B"], d_pad, c.num_warps, precision)]
+    return _rows_pruned(fits or configs[:1], _arg(named_args, kwargs, "B"))
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    ieee = _arg(named_args, kwargs, "PRECISION") == "ieee"
+    kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 16) == ieee]
+    return _rows_pruned(kept or configs[:1], _arg(named_args, kwargs, "B"))
+
+
+# --------------------------------------------------------------------------------------------- kernels
+#
+# Addressing: a program moves its pointers to its first row once (a 64-bit scalar offset) and indexes
+# its tile with 32-bit offsets (BLOCK_B * d < 2**31 always holds), which keeps 64-bit index tiles out of
+# the registers. Tiles needed only by the epilogue are loaded after the K loop, for the same reason.
+
+
+@triton.autotune(configs=ONCHIP_CONFIGS, key=["B", "d", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_onchip})
+@triton.jit(do_not_specialize=["max_iter"])
+def _solve_onchip_kernel(
+    x0_ptr, bias_ptr, scale_ptr, w_ptr, out_ptr, its_ptr, res_ptr, conv_ptr,
+    B, d, stride_wk, stride_wn, tol, max_iter,
+    ACT: tl.constexpr, HAS_X0: tl.constexpr, PRECISION: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Whole solve for BLOCK_B rows with the state in registers (see the module docstring)."""
+    row0 = tl.program_id(0) * BLOCK_B
+    first = tl.cast(row0, tl.int64) * d
+    lrows = tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, D_PAD)
+    row_ok = row0 + lrows < B
+    col_ok = cols < d
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = lrows[:, None] * d + cols[None, :]
+
+    bias = tl.load(bias_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == -1:
+        scale = tl.load(scale_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        scale = bias  # unused by the forward epilogue
+    if HAS_X0:
+        x = tl.load(x0_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
+    elif ACT == -1:
+        x = scale * bias  # h_0 = D * v
+    else:
+        x = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    # The operand is loop-invariant: loaded once (the compiler keeps it in shared memory), zero outside
+    # (d, d) so that padded columns contribute nothing.
+    w = tl.load(
+        w_ptr + cols[:, None] * stride_wk + cols[None, :] * stride_wn,
+        mask=col_ok[:, None] & col_ok[None, :], other=0.0,
+    ).to(tl.float32)
+
+    active = row_ok
+    its = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    res = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
+    k = 0
+    go = (k < max_iter) & _any(active)
+    while go:
+        acc = tl.dot(x, w, input_precision=PRECISION)
+        # Padded columns must stay 0: the epilogue of 0 is not 0 for sigmoid (0.5).
+        x_new = tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+        diff = x_new - x
+        r = _relative_residual(tl.sum(diff * diff, axis=1), tl.sum(x_new * x_new, axis=1))
+        # reference.iterate: rows active before this step take the new state, residual and count;
+        # then rows with r < tol stop (written so that a NaN residual never counts as converged).
+        x = tl.where(active[:, None], x_new, x)
+        res = tl.where(active, r, res)
+        its += active.to(tl.int32)
+        active = active & ~(r < tol)
+        k += 1
+        go = (k < max_iter) & _any(active)
+
+    tl.store(out_ptr + first + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(its_ptr + row0 + lrows, its, mask=row_ok)
+    tl.store(res_ptr + row0 + lrows, res, mask=row_ok)
+    tl.store(conv_ptr + row0 + lrows, ~active, mask=row_ok)
+
+
+@triton.jit
+def _matmul_tile(a_ptr, w_ptr, row_ok, cols_n, d, stride_wk, stride_wn, PRECISION: tl.constexpr,
+                 BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``A[rows, :] @ M[:, cols_n]`` in float32, A (row-major, row stride d, already at the first row)."""
+    lrows = tl.arange(0, BLOCK_B)
+    n_ok = cols_n < d
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        cols_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = cols_k < d
+        a = tl.load(a_ptr + lrows[:, None] * d + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        m = tl.load(
+            w_ptr + cols_k[:, None] * stride_wk + cols_n[None, :] * stride_wn,
+            mask=k_ok[:, None] & n_ok[None, :], other=0.0,
+        ).to(tl.float32)
+        acc = tl.dot(a, m, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.autotune(configs=SCRATCH_CONFIGS, key=["B", "d", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_tiles})
+@triton.jit(do_not_specialize=["max_iter"])
+def _solve_scratch_kernel(
+    x0_ptr, bias_ptr, scale_ptr, w_ptr, buf_ptr, out_ptr, its_ptr, res_ptr, conv_ptr,
+    B, d, stride_wk, stride_wn, tol, max_iter,
+    ACT: tl.constexpr, HAS_X0: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Whole solve for BLOCK_B rows of any width, the state in two planes of ``buf`` (2, B, d) fp32."""
+    row0 = tl.program_id(0) * BLOCK_B
+    first = tl.cast(row0, tl.int64) * d
+    plane = tl.cast(B, tl.int64) * d
+    lrows = tl.arange(0, BLOCK_B)
+    row_ok = row0 + lrows < B
+    # Every pointer below starts at this program's first row.
+    x0_ptr += first
+    bias_ptr += first
+    scale_ptr += first
+    buf_ptr += first
+    out_ptr += first
+
+    # x_0 into plane 0 (only this program's rows: a row block's planes are private to it).
+    for n0 in range(0, d, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols < d)[None, :]
+        offs = lrows[:, None] * d + cols[None, :]
+        if HAS_X0:
+            x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        elif ACT == -1:
+            x = (tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                 * tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+        else:
+            x = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        tl.store(buf_ptr + offs, x, mask=mask)
+    tl.debug_barrier()
+
+    active = row_ok
+    its = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    res = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
+    k = 0
+    go = (k < max_iter) & _any(active)
+    while go:
+        src = buf_ptr + (k % 2) * plane
+        dst = buf_ptr + ((k + 1) % 2) * plane
+        diff_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        norm_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for n0 in range(0, d, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            acc = _matmul_tile(src, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+            mask = row_ok[:, None] & (cols < d)[None, :]
+            offs = lrows[:, None] * d + cols[None, :]
+            bias = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if ACT == -1:
+                scale = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                scale = bias
+            x_new = tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+            x_old = tl.load(src + offs, mask=mask, other=0.0)
+            diff = x_new - x_old
+            diff_sq += tl.sum(diff * diff, axis=1)
+            norm_sq += tl.sum(x_new * x_new, axis=1)
+            # Frozen rows carry their state over, so the newest plane always holds every row.
+            tl.store(dst + offs, tl.where(active[:, None], x_new, x_old), mask=mask)
+        r = _relative_residual(diff_sq, norm_sq)
+        res = tl.where(active, r, res)
+        its += active.to(tl.int32)
+        active = active & ~(r < tol)
+        k += 1
+        go = (k < max_iter) & _any(active)
+        # The next iteration reads what other threads of this program just wrote to dst.
+        tl.debug_barrier()
+
+    final = buf_ptr + (k % 2) * plane
+    for n0 in range(0, d, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols < d)[None, :]
+        offs = lrows[:, None] * d + cols[None, :]
+        x = tl.load(final + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(its_ptr + row0 + lrows, its, mask=row_ok)
+    tl.store(res_ptr + row0 + lrows, res, mask=row_ok)
+    tl.store(conv_ptr + row0 + lrows, ~active, mask=row_ok)
+
+
+@triton.autotune(
+    configs=STEP_CONFIGS, key=["B", "d", "PRECISION"], prune_configs_by={"early_config_prune": _prune_tiles},
+    # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
+    restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
+)
+@triton.jit(do_not_specialize=["t"])
+def _step_kernel(
+    x_in_ptr, x_out_ptr, bias_ptr, scale_ptr, w_ptr, sums_ptr, tot_ptr, active_ptr, its_ptr, res_ptr,
+    B, d, stride_wk, stride_wn, tol, t,
+    ACT: tl.constexpr, STOP_BATCH: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Step ``t`` of the stepwise solve on a (row block, column tile) grid, plus the bookkeeping of step t-1.
+
+    Buffers (initialised by the launcher): ``sums`` (3, 2, B) fp32, the per-row squared norms of step
+    ``s`` in slot ``s % 3`` (launch ``t`` adds into slot t, reads slot t-1, clears slot t+1); ``tot``
+    (3, 2) the same summed over the batch (``STOP_BATCH``); ``active`` (2, B) int32, slot ``s % 2`` =
+    rows still iterating at the start of step ``s`` (launch ``t`` reads slot t-1, writes slot t; both
+    start at 1). ``COMPUTE=False`` does only the bookkeeping (the launch after the last step).
+    """
+    pid_b = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    row0 = pid_b * BLOCK_B
+    rows = row0 + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    # One program per row block writes the per-row results. (Scalars are broadcast to vectors before
+    # combining with vector masks: the interpreter turns bool-vector & bool-scalar into integers.)
+    records = row_ok & ((rows * 0 + pid_n) == 0)
+
+    # Step t-1 is complete (its launch finished): decide which of its rows stop.
+    act_prev = tl.load(active_ptr + ((t + 1) % 2) * B + rows, mask=row_ok, other=0) != 0
+    if t > 0:
+        prev = sums_ptr + ((t + 2) % 3) * 2 * B
+        r = _relative_residual(tl.load(prev + rows, mask=row_ok, other=0.0),
+                               tl.load(prev + B + rows, mask=row_ok, other=0.0))
+        if STOP_BATCH:
+            t_prev = tot_ptr + ((t + 2) % 3) * 2
+            stop = (r * 0.0 + _relative_residual(tl.load(t_prev), tl.load(t_prev + 1))) < tol
+        else:
+            stop = r < tol
+        act_now = act_prev & ~stop
+        was = records & act_prev
+        tl.store(res_ptr + rows, r, mask=was)
+        tl.store(its_ptr + rows, tl.load(its_ptr + rows, mask=was, other=0) + 1, mask=was)
+    else:
+        act_now = act_prev
+    tl.store(active_ptr + (t % 2) * B + rows, act_now.to(tl.int32), mask=records)
+    nxt = sums_ptr + ((t + 1) % 3) * 2 * B
+    tl.store(nxt + rows, tl.zeros((BLOCK_B,), dtype=tl.float32), mask=records)
+    tl.store(nxt + B + rows, tl.zeros((BLOCK_B,), dtype=tl.float32), mask=records)
+    if STOP_BATCH:
+        two = tl.arange(0, 2)
+        tl.store(tot_ptr + ((t + 1) % 3) * 2 + two, tl.zeros((2,), dtype=tl.float32),
+                 mask=(two * 0 + pid_b + pid_n) == 0)
+
+    if COMPUTE:
+        first = tl.cast(row0, tl.int64) * d
+        lrows = tl.arange(0, BLOCK_B)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = row_ok[:, None] & (cols < d)[None, :]
+        offs = lrows[:, None] * d + cols[None, :]
+        if _any(act_now):
+            acc = _matmul_tile(x_in_ptr + first, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION,
+                               BLOCK_B, BLOCK_N, BLOCK_K)
+            bias = tl.load(bias_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
+            if ACT == -1:
+                scale = tl.load(scale_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                scale = bias
+            x_new = tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+            x = tl.load(x_in_ptr + first + offs, mask=mask, other=0.0)
+            diff = x_new - x
+            diff_sq = tl.sum(diff * diff, axis=1)
+            norm_sq = tl.sum(x_new * x_new, axis=1)
+            adds = row_ok & act_now
+            cur = sums_ptr + (t % 3) * 2 * B
+            tl.atomic_add(cur + rows, diff_sq, mask=adds)
+            tl.atomic_add(cur + B + rows, norm_sq, mask=adds)
+            if STOP_BATCH:
+                t_cur = tot_ptr + (t % 3) * 2
+                tl.atomic_add(t_cur, tl.sum(tl.where(adds, diff_sq, 0.0), axis=0))
+                tl.atomic_add(t_cur + 1, tl.sum(tl.where(adds, norm_sq, 0.0), axis=0))
+            x = tl.where(act_now[:, None], x_new, x)
+        else:  # every row of the block has stopped: carry the state over
+            x = tl.load(x_in_ptr + first + offs, mask=mask, other=0.0)
+        tl.store(x_out_ptr + first + offs, x, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def resolve_precision(precision: Optional[str] = None) -> str:
+    """The ``tl.dot`` input precision for float32 matmuls: ``"ieee"`` (exact fp32) or ``"tf32"``.
+
+    ``precision`` overrides; else the environment variable ``PCDEQ_TRITON_PRECISION``; else torch's
+    setting: ``torch.get_float32_matmul_precision() == "highest"`` (torch's default) gives ``"ieee"``,
+    ``"high"``/``"medium"`` give ``"tf32"``. Half-precision operands are converted to float32 in
+    registers and go through the same dot (fp16 and bf16 values are exact in tf32, so only the
+    float32 state is rounded under ``"tf32"``).
+    """
+    if precision is None:
+        precision = os.environ.get("PCDEQ_TRITON_PRECISION") or None
+    if precision is None:
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"input precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: Optional[str] = None) -> str:
+    """``"single"`` (one launch per solve) or ``"stepwise"`` (a launch per iteration) for a problem shape.
+
+    ``path`` (or the environment variable ``PCDEQ_TRITON_PATH``) forces one: ``"single"``,
+    ``"stepwise"`` or ``"auto"`` (the default). ``stop="batch"`` is always stepwise: its stopping rule
+    is a reduction over all row blocks, which one launch cannot make without a grid-wide barrier.
+
+    ``"auto"``: a single launch runs one program per 16 rows (the smallest row block), each doing
+    ``2 * 16 * d^2`` flops per iteration; the stepwise loop spreads an iteration over row blocks *and*
+    column tiles but pays a launch (about 10 us from Python) per iteration. So: single launch when
+    d <= SINGLE_LAUNCH_MAX_DIM (a program's iteration then costs about what a launch does) or when the
+    row blocks alone fill the GPU's SMs; stepwise otherwise (few rows, wide layers). This threshold
+    comes from that cost model, not from measurements.
+    """
+    if path is None:
+        path = os.environ.get("PCDEQ_TRITON_PATH") or "auto"
+    if path not in SOLVE_PATHS:
+        raise ValueError(f"Triton solve path must be one of {SOLVE_PATHS}, got {path!r}")
+    if stop == "batch":
+        if path == "single":
+            raise ValueError("stop='batch' needs the stepwise path (a whole-batch reduction per iteration)")
+        return "stepwise"
+    if path != "auto":
+        return path
+    if dim <= SINGLE_LAUNCH_MAX_DIM or triton.cdiv(batch, 16) >= _num_sms(torch.device(device or "cpu")):
+        return "single"
+    return "stepwise"
+
+
+def _check_every(check_every: Optional[int]) -> int:
+    if check_every is None:
+        check_every = int(os.environ.get("PCDEQ_TRITON_CHECK_EVERY") or DEFAULT_CHECK_EVERY)
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+    return check_every
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_inputs(x: Tensor, weight: Tensor, others: dict, tol, max_iter, stop) -> None:
+    """What the kernels assume and cannot check themselves (tl.device_assert is not enforced everywhere)."""
+    for name, t in {"input": x, "weight": weight, **others}.items():
+        if t is None:
+            continue
+        if t.dtype == torch.float64:
+            raise TypeError(
+                f"the Triton backend computes in float32 and does not take float64 ({name}); "
+                "use backend='reference' (or 'cpu') for float64, or cast to float32"
+            )
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 or float32")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
+    if x.dim() != 2 or weight.dim() != 2 or tuple(weight.shape) != (x.shape[1], x.shape[1]):
+        raise ValueError(f"dense solves need x (B, d) and weight (d, d); got {tuple(x.shape)}, {tuple(weight.shape)}")
+    # The kernels index W and a row block with 32-bit offsets, the per-row buffers with 32-bit rows.
+    if x.shape[1] > MAX_DIM or x.shape[0] > MAX_BATCH:
+        raise ValueError(
+            f"the Triton kernels take d <= {MAX_DIM} and B <= {MAX_BATCH} (32-bit indexing); got B={x.shape[0]}, "
+            f"d={x.shape[1]}: split the batch, or use another backend"
+        )
+    for name, t in others.items():
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "Triton kernels run on CUDA tensors; CPU tensors need the interpreter, i.e. TRITON_INTERPRET=1 "
+            "set before pcdeq_kernels.triton.dense is first imported"
+        )
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"the Triton backend runs on cuda tensors (or cpu under TRITON_INTERPRET=1), not {x.device.type}"
+        )
+    if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter <= 2**30:
+        raise ValueError(f"max_iter must be an integer in [1, 2**30] (a 32-bit step counter), got {max_iter!r}")
+    if stop not in ("sample", "batch"):
+        raise ValueError(f"stop must be 'sample' or 'batch', got {stop!r}")
+
+
+def _stats(batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    return (
+        torch.empty(batch, dtype=torch.int32, device=device),
+        torch.empty(batch, dtype=torch.float32, device=device),
+        torch.empty(batch, dtype=torch.bool, device=device),
+    )
+
+
+def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path, precision, check_every, transpose):
+    """Shared launcher. ``transpose``: the operand is W.T (forward); else W (adjoint)."""
+    batch, dim = bias.shape
+    device = bias.device
+    precision = resolve_precision(precision)
+    path = choose_path(batch, dim, stop, device, path)
+    # M[k, n] = W[n, k] (forward: z @ W.T) or W[k, n] (adjoint: h @ W)
+    stride_wk, stride_wn = (1, dim) if transpose else (dim, 1)
+    if scale is None:
+        scale = bias  # the forward epilogue never reads it
+    if path == "stepwise":
+        return _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision,
+                               _check_every(check_every), stride_wk, stride_wn)
+    out = torch.empty((batch, dim), dtype=out_dtype, device=device)
+    its, res, conv = _stats(batch, device)
+    grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)  # noqa: E731
+    d_pad = max(16, triton.next_power_of_2(dim))  # tl.dot needs every block dimension >= 16
+    common = dict(ACT=act_id, HAS_X0=x0 is not None, PRECISION=precision)
+    if x0 is None:
+        x0 = bias  # a valid pointer the kernel never reads (HAS_X0=False)
+    if d_pad <= ONCHIP_MAX_DIM:
+        _solve_onchip_kernel[grid](
+            x0, bias, scale, weight, out, its, res, conv,
+            batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), D_PAD=d_pad, **common,
+        )
+    else:
+        buf = torch.empty((2, batch, dim), dtype=torch.float32, device=device)
+        _solve_scratch_kernel[grid](
+            x0, bias, scale, weight, buf, out, its, res, conv,
+            batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), **common,
+        )
+    return out, its, res, conv
+
+
+def _step_buffers(batch, device):
+    sums = torch.zeros((3, 2, batch), dtype=torch.float32, device=device)
+    tot = torch.zeros((3, 2), dtype=torch.float32, device=device)
+    active = torch.ones((2, batch), dtype=torch.int32, device=device)
+    its = torch.zeros(batch, dtype=torch.int32, device=device)
+    res = torch.full((batch,), math.inf, dtype=torch.float32, device=device)
+    return sums, tot, active, its, res
+
+
+def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t, stop_batch,
+                 compute, precision):
+    batch, dim = bias.shape
+    sums, tot, active, its, res = bufs
+
+    def grid(meta):  # the bookkeeping-only launch needs one program per row block
+        return triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(dim, meta["BLOCK_N"]) if compute else 1
+
+    _step_kernel[grid](
+        x_in, x_out, bias, scale, weight, sums, tot, active, its, res,
+        batch, dim, stride_wk, stride_wn, float(tol), int(t),
+        ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
+    )
+
+
+def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision, check_every,
+                    stride_wk, stride_wn):
+    batch, dim = bias.shape
+    device = bias.device
+    x = torch.empty((2, batch, dim), dtype=torch.float32, device=device)
+    if x0 is not None:
+        x[0].copy_(x0)
+    elif act_id == ADJOINT:
+        torch.mul(scale.float(), bias.float(), out=x[0])
+    else:
+        x[0].zero_()
+    bufs = _step_buffers(batch, device)
+    _, _, active, its, res = bufs
+    stop_batch = stop == "batch"
+    steps = 0
+    for t in range(max_iter):
+        _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t,
+                     stop_batch, True, precision)
+        steps = t + 1
+        # active[t % 2] = rows still iterating at the start of step t: when none is, the steps since
+        # only carried states over and we are done. Reading it is the only host synchronisation.
+        if steps % check_every == 0 and steps < max_iter and not bool(active[t % 2].any()):
+            break
+    # Bookkeeping of the last step (its residuals, counts and freezes), no matmul.
+    _launch_step(x[0], x[1], bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, steps, stop_batch,
+                 False, precision)
+    return x[steps % 2].to(out_dtype), its, res, active[steps % 2] == 0
+
+
+def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str, tol: float = 1e-4,
+                  max_iter: int = 200, stop: str = "sample", *, path: Optional[str] = None,
+                  precision: Optional[str] = None, check_every: Optional[int] = None):
+    """Solve ``z = act(z @ W.T + u)`` from ``z0`` (default 0). Returns ``(z* in u.dtype, iterations int32,
+    residual float32, converged bool)``, each per row, with the semantics of ``reference.forward_solve``.
+
+    ``path``: see ``choose_path``; ``precision``: see ``resolve_precision``; ``check_every``: how many
+    steps the stepwise loop runs between host reads of the convergence flags (``PCDEQ_TRITON_CHECK_EVERY``,
+    default 8).
+    """
+    act_id = get_activation(activation).kernel_id
+    _check_inputs(u, weight, {"z0": z0}, tol, max_iter, stop)
+    if u.numel() == 0:  # nothing to launch; the reference defines what an empty solve returns
+        return reference.forward_solve(u, weight, activation, tol=tol, max_iter=max_iter, stop=stop, z0=z0)
+    u, weight = u.contiguous(), weight.contiguous()
+    z0 = None if z0 is None else z0.contiguous()
+    return _solve(z0, u, None, weight, act_id, u.dtype, tol, max_iter, stop, path, precision, check_every, True)
+
+
+def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, tol: float = 1e-4, max_iter: int = 200,
+                  stop: str = "sample", *, path: Optional[str] = None, precision: Optional[str] = None,
+                  check_every: Optional[int] = None):
+    """Solve ``h = D * (h @ W + v)`` from ``h_0 = D * v``; returns as ``forward_solve`` (h* in v.dtype)."""
+    _check_inputs(v, weight, {"D": D}, tol, max_iter, stop)
+    if v.numel() == 0:
+        return reference.adjoint_solve(v, weight, D, tol=tol, max_iter=max_iter, stop=stop)
+    v, weight, D = v.contiguous(), weight.contiguous(), D.contiguous()
+    return _solve(None, v, D, weight, ADJOINT, v.dtype, tol, max_iter, stop, path, precision, check_every, False)
+
+
+def _step(x, bias, scale, weight, act_id, precision, transpose):
+    batch, dim = bias.shape
+    x_out = torch.empty((batch, dim), dtype=torch.float32, device=bias.device)
+    bufs = _step_buffers(batch, bias.device)
+    stride_wk, stride_wn = (1, dim) if transpose else (dim, 1)
+    _launch_step(x.float().contiguous(), x_out, bias, bias if scale is None else scale, weight, bufs, act_id,
+                 stride_wk, stride_wn, 1.0, 0, False, True, resolve_precision(precision))
+    sums = bufs[0]
+    return x_out, sums[0, 0], sums[0, 1]
+
+
+def forward_step(z: Tensor, u: Tensor, weight: Tensor, activation: str, *, precision: Optional[str] = None):
+    """One fused step: ``(z_next = act(z @ W.T + u), ||z_next - z||^2, ||z_next||^2)``, per row, float32."""
+    act_id = get_activation(activation).kernel_id
+    _check_inputs(u, weight, {"z": z}, 1.0, 1, "sample")
+    return _step(z, u.contiguous(), None, weight.contiguous(), act_id, precision, True)
+
+
+def adjoint_step(h: Tensor, v: Tensor, weight: Tensor, D: Tensor, *, precision: Optional[str] = None):
+    """One fused adjoint step: ``(h_next = D * (h @ W + v), ||h_next - h||^2, ||h_next||^2)``, per row, float32."""
+    _check_inputs(v, weight, {"h": h, "D": D}, 1.0, 1, "sample")
+    return _step(h, v.contiguous(), D.contiguous(), weight.contiguous(), ADJOINT, precision, False)
+
+
+# ------------------------------------------------------------------------------- ahead-of-time compiles
+
+# Every kernel's arguments by role, for compiling without a GPU (triton.compile + GPUTarget). "T" is
+# the operands' dtype; "W1" marks the weight stride that is 1 (Triton specialises an int argument equal
+# to 1 into a constant, so a real launch compiles exactly that: stride_wk for the forward map's W.T,
+# stride_wn for the adjoint's W).
+_ARG_TYPES = {
+    "x0_ptr": "*T", "bias_ptr": "*T", "scale_ptr": "*T", "w_ptr": "*T", "out_ptr": "*T",
+    "its_ptr": "*i32", "res_ptr": "*fp32", "conv_ptr": "*u1", "buf_ptr": "*fp32",
+    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32", "active_ptr": "*i32",
+    "B": "i32", "d": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
+}
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+KERNELS = {"onchip": _solve_onchip_kernel, "scratch": _solve_scratch_kernel, "step": _step_kernel}
+
+
+def aot_variants(kernel: str, precision: str, *, d_pad: int = 128, batch: int = 1 << 20):
+    """The launch configurations the autotuner may pick for ``kernel`` (after pruning)."""
+    tuner = KERNELS[kernel]
+    return tuner.early_config_prune(tuner.configs, {"B": batch, "D_PAD": d_pad, "PRECISION": precision})
+
+
+AOT_CAPABILITIES = (80, 90)
+# Largest shared memory one block may opt in to, by compute capability (A100: 163 KB, H100: 227 KB).
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def aot_plan(full: bool = False) -> list[dict]:
+    """Keyword sets for ``aot_compile`` that cover every kernel configuration a launch can compile.
+
+    ``full=True``: the whole product (capability x precision x kernel x pruned config x epilogue (the
+    four activations and the adjoint) x operand dtype, every on-chip D_PAD, both step kernel variants):
+    about 2000 compiles. The default covers every (capability, precision, kernel, config) with the
+    adjoint epilogue in float32 (the most registers on chip: it keeps D as well as v) and tanh in
+    bfloat16, plus, on sm_90, every (epilogue, dtype) pair for each kernel's first config: about 170.
+    """
+    pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in _TRITON_DTYPES]
+    plan = []
+    for capability in AOT_CAPABILITIES:
+        for precision in PRECISIONS:
+            for kernel in KERNELS:
+                d_pads = [16, 32, 64, 128] if full and kernel == "onchip" else [ONCHIP_MAX_DIM]
+                variants = [dict(stop_batch=b, compute=c) for b, c in ((False, True), (True, True), (False, False))]
+                if kernel != "step":
+                    variants = [{}]
+                elif not full:
+                    variants = [dict(stop_batch=True, compute=True)]
+                for d_pad in d_pads:
+                    for i, config in enumerate(aot_variants(kernel, precision, d_pad=d_pad)):
+                        if full or (i == 0 and capability == 90):
+                            chosen = pairs
+                        else:
+                            chosen = [(ADJOINT, torch.float32), (0, torch.bfloat16)]
+                        for act, dtype in chosen:
+                            for extra in variants:
+                                plan.append(dict(kernel=kernel, config=config, act_id=act, dtype=dtype,
+                                                 precision=precision, capability=capability, d_pad=d_pad, **extra))
+    return plan
+
+
+def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precision: str, capability: int,
+                d_pad: int = 128, stop_batch: bool = False, compute: bool = True) -> dict:
+    """Compile one kernel configuration for ``sm_<capability>`` without a GPU; return its resource use.
+
+    Returns ``{"registers", "spill_bytes" (per-thread local memory: 0 means no spills), "shared" (bytes
+    of shared memory), "num_warps", "num_stages"}``; registers and local memory are read from the cubin
+    with ``cuobjdump --dump-resource-usage`` (``CompiledKernel.n_regs``/``n_spills`` need a driver).
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = KERNELS[kernel].fn
+    weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        role = _ARG_TYPES.get(name, "constexpr")
+        if role == "W1":
+            role = "constexpr" if name == weight_unit_stride else "i32"
+            if name == weight_unit_stride:
+                constexprs[name] = 1
+        signature[name] = role.replace("T", _TRITON_DTYPES[dtype])
+        if role.startswith("*"):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+    constexprs.update(ACT=act_id, PRECISION=precision, **config.kwargs)
+    if kernel == "onchip":
+        constexprs.update(D_PAD=d_pad)
+    if kernel in ("onchip", "scratch"):
+        constexprs.update(HAS_X0=False)
+    if kernel == "step":
+        constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute)
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
+    return {"registers": regs, "spill_bytes": local, "shared": compiled.metadata.shared,
+            "num_warps": config.num_warps, "num_stages": config.num_stages}
