@@ -8,17 +8,33 @@ from pcdeq_kernels import ops, reference
 
 from problems import make_problem
 
+# every backend that can run CPU tensors here (Triton only under the interpreter), with what it solves
+CPU_BACKENDS = [name for name, ok in pk.available_backends().items() if ok and pk.backends.get(name).supports("cpu", "dense")]
+OPCHECK_CASES = [
+    (backend, conv_hw, dtype)
+    for backend in CPU_BACKENDS
+    for conv_hw in (None, (4, 5))
+    for dtype in (torch.float32, torch.float64)
+    if pk.backends.get(backend).supports("cpu", "dense" if conv_hw is None else "conv")
+    and not (backend == "triton" and dtype == torch.float64)  # Triton computes in float32 only
+]
+COMPILE_CASES = [
+    (backend, layer_cls, shape)
+    for backend in CPU_BACKENDS
+    for layer_cls, shape, kind in ((pk.PCDEQLinear, (6, 12), "dense"), (pk.PCDEQConv2d, (2, 3, 5, 5), "conv"))
+    if pk.backends.get(backend).supports("cpu", kind)
+]
 
-@pytest.mark.parametrize("conv_hw", [None, (4, 5)], ids=["dense", "conv"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_forward_and_adjoint(conv_hw, dtype):
+
+@pytest.mark.parametrize("backend, conv_hw, dtype", OPCHECK_CASES, ids=str)
+def test_opcheck_forward_and_adjoint(backend, conv_hw, dtype):
     u, w = make_problem(3, 5, "tanh", dtype=dtype, conv_hw=conv_hw)
     z0 = torch.rand_like(u)
     for z_init in (None, z0):
-        torch.library.opcheck(ops.forward_solve, (u, w, z_init, "tanh", 1e-6, 100, "sample", "reference", "warn"))
+        torch.library.opcheck(ops.forward_solve, (u, w, z_init, "tanh", 1e-6, 100, "sample", backend, "warn"))
     z, *_ = reference.forward_solve(u, w, "tanh", tol=1e-8)
     D = reference.activation_derivative_at(z, u, w, "tanh")
-    torch.library.opcheck(ops.adjoint_solve, (torch.randn_like(u), w, D, 1e-6, 100, "batch", "reference", "warn"))
+    torch.library.opcheck(ops.adjoint_solve, (torch.randn_like(u), w, D, 1e-6, 100, "batch", backend, "warn"))
 
 
 def test_ops_outputs_match_the_reference():
@@ -28,10 +44,10 @@ def test_ops_outputs_match_the_reference():
     assert torch.equal(z, z_ref) and torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
 
 
-@pytest.mark.parametrize("layer_cls, shape", [(pk.PCDEQLinear, (6, 12)), (pk.PCDEQConv2d, (2, 3, 5, 5))])
-def test_compile_fullgraph_matches_eager(layer_cls, shape):
+@pytest.mark.parametrize("backend, layer_cls, shape", COMPILE_CASES, ids=str)
+def test_compile_fullgraph_matches_eager(backend, layer_cls, shape):
     torch.manual_seed(0)
-    layer = layer_cls(shape[1], "tanh", tol=1e-8)
+    layer = layer_cls(shape[1], "tanh", tol=1e-6 if backend == "triton" else 1e-8, backend=backend)
     x = torch.randn(shape)
     z_eager = layer(x)
     (g_eager,) = torch.autograd.grad(z_eager.square().sum(), layer.weight_param.v)
