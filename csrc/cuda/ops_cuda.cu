@@ -1,0 +1,269 @@
+// The CUDA kernels of pcdeq_C::forward_solve / adjoint_solve (schemas in csrc/ops.cpp), dense problems:
+// input checks, the choice of matmul engine, operand preparation, and the registration.
+//
+// Engines (dense_kernels.cuh), by input dtype:
+//   float64             CUDA-core fp64 (no tensor-core path: fp64 here is for verification, not speed)
+//   float32             tf32 tensor cores when torch's fp32 matmul precision allows tf32 (as torch's own
+//                       matmuls: torch.backends.cuda.matmul.fp32_precision = "tf32", or
+//                       torch.set_float32_matmul_precision("high"/"medium")); else exact fp32 on CUDA
+//                       cores (torch's default, "highest")
+//   float16 / bfloat16  solved in float32 as the reference does; the matmul takes the state rounded to
+//                       the input dtype (W is already in it) on tensor cores, accumulating in fp32
+// Semantics are those of pcdeq_kernels/reference.py and the CPU backend (csrc/cpu/solver.h).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#include <pcdeq/activations.h>
+
+#include "dense_kernels.cuh"
+#include "dense_solve.cuh"
+
+// Detecting torch's fp32-precision API without naming what an older torch lacks: qualified lookup of
+// at::X finds a real at::X first and the fallbacks below only when torch does not declare X (the
+// Float32Backend/Float32Op/Float32Precision enums are in torch 2.10+; 2.9 had a string form).
+namespace at {
+namespace pcdeq_fallback {
+enum class Float32Backend { CUDA };
+enum class Float32Op { MATMUL };
+enum class Float32Precision { TF32 };
+}  // namespace pcdeq_fallback
+using namespace pcdeq_fallback;  // NOLINT: see above
+}  // namespace at
+
+namespace pcdeq::cuda {
+namespace {
+
+// The newer API: what torch's own cuBLAS matmuls follow (torch.backends.cuda.matmul.fp32_precision).
+template <class Ctx, class Backend = at::Float32Backend, class Op = at::Float32Op, class Precision = at::Float32Precision>
+auto tf32_setting(const Ctx& ctx, int) -> decltype(ctx.float32Precision(Backend::CUDA, Op::MATMUL) == Precision::TF32) {
+  return ctx.float32Precision(Backend::CUDA, Op::MATMUL) == Precision::TF32;
+}
+
+// Older torch: torch.set_float32_matmul_precision(); tf32 unless "highest".
+template <class Ctx>
+bool tf32_setting(const Ctx& ctx, long) {
+  return ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+}
+
+bool tf32_allowed() {
+  try {
+    return tf32_setting(at::globalContext(), 0);
+  } catch (const c10::Error&) {
+    return false;  // torch refuses to answer when its old and new settings disagree: stay exact
+  }
+}
+
+enum class Engine { kTf32, kF16, kBF16, kSimtF32, kSimtF64 };
+
+Engine choose_engine(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble: return Engine::kSimtF64;
+    case at::kHalf: return Engine::kF16;
+    case at::kBFloat16: return Engine::kBF16;
+    default: return tf32_allowed() ? Engine::kTf32 : Engine::kSimtF32;
+  }
+}
+
+at::ScalarType operand_dtype(Engine engine) {
+  switch (engine) {
+    case Engine::kF16: return at::kHalf;
+    case Engine::kBF16: return at::kBFloat16;
+    case Engine::kSimtF64: return at::kDouble;
+    default: return at::kFloat;
+  }
+}
+
+SolveOutputs run(Engine engine, const DenseProblem& problem) {
+  switch (engine) {
+    case Engine::kTf32: return solve_dense_tf32(problem);
+    case Engine::kF16: return solve_dense_f16(problem);
+    case Engine::kBF16: return solve_dense_bf16(problem);
+    case Engine::kSimtF32: return solve_dense_simt_f32(problem);
+    default: return solve_dense_simt_f64(problem);
+  }
+}
+
+DensePath path_from_env() {
+  const char* value = std::getenv("PCDEQ_CUDA_PATH");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) {
+    return DensePath::kAuto;
+  }
+  if (std::strcmp(value, "single") == 0) {
+    return DensePath::kSingleLaunch;
+  }
+  if (std::strcmp(value, "stepwise") == 0) {
+    return DensePath::kStepwise;
+  }
+  TORCH_CHECK(false, "PCDEQ_CUDA_PATH=", value, ": choose auto, single or stepwise");
+  return DensePath::kAuto;
+}
+
+at::ScalarType state_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_dense(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(
+      x.is_cuda() && weight.is_cuda(),
+      op, ": the cuda backend needs CUDA tensors; got ", name, " on ", x.device(), " and weight on ",
+      weight.device());
+  TORCH_CHECK(
+      x.device() == weight.device(),
+      op, ": ", name, " is on ", x.device(), " but weight is on ", weight.device(), "; move them to one GPU");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": ", name, " has dtype ", dtype, "; pcDEQ solves float16, bfloat16, float32 or float64");
+  TORCH_CHECK(
+      weight.scalar_type() == dtype,
+      op, ": ", name, " is ", dtype, " but weight is ", weight.scalar_type(), "; cast them to one dtype");
+  TORCH_CHECK(
+      x.dim() == 2 && weight.dim() == 2 && weight.size(0) == weight.size(1) && x.size(1) == weight.size(0),
+      op, ": dense pcDEQ needs ", name, " of shape (B, d) and weight (d, d); got ", name, " ", x.sizes(),
+      ", weight ", weight.sizes());
+}
+
+void check_options(const char* op, double tol, int64_t max_iter) {
+  TORCH_CHECK(max_iter >= 0, op, ": max_iter must be >= 0, got ", max_iter);
+  TORCH_CHECK(!std::isnan(tol), op, ": tol must be a number, got NaN");
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const char* x_name) {
+  TORCH_CHECK(
+      t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.sizes() == x.sizes(),
+      op, ": ", name, " must match ", x_name, " (shape ", x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
+      "); got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
+}
+
+void check_capability(const char* op, const at::Device& device) {
+  int major = 0;
+  int minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()));
+  TORCH_CHECK(
+      major >= 8,
+      op, ": the cuda backend needs a GPU of compute capability 8.0 or newer (tf32/bf16 tensor cores); ",
+      device, " is ", major, ".", minor, ": use backend=\"triton\" or backend=\"reference\"");
+}
+
+// (dp, dp) zero-padded copy of W^T (transpose) or W in the operand dtype.
+at::Tensor operand_matrix(const at::Tensor& weight, bool transpose, at::ScalarType dtype) {
+  const int64_t d = weight.size(0);
+  const int64_t dp = (d + kPad - 1) / kPad * kPad;
+  at::Tensor m = at::zeros({dp, dp}, weight.options().dtype(dtype));
+  m.narrow(0, 0, d).narrow(1, 0, d).copy_(transpose ? weight.t() : weight);
+  return m;
+}
+
+// Outputs of a solve that has nothing to iterate: an empty batch, or d = 0 (every step has residual
+// 0 / (0 + 1e-5) = 0, as the CPU backend computes it).
+SolveOutputs trivial_solve(const at::Tensor& x0, double tol, int64_t max_iter, at::ScalarType out_dtype) {
+  const int64_t batch = x0.size(0);
+  const auto options = x0.options();
+  // the reference compares r < tol in the state dtype
+  const bool stops = x0.scalar_type() == at::kDouble ? 0.0 < tol : 0.0f < static_cast<float>(tol);
+  const int64_t its = max_iter == 0 ? 0 : (stops ? 1 : max_iter);
+  const double res = max_iter == 0 ? std::numeric_limits<double>::infinity() : 0.0;
+  return {
+      x0.to(out_dtype),
+      at::full({batch}, its, options.dtype(at::kInt)),
+      at::full({batch}, res, options),
+      at::full({batch}, max_iter > 0 && stops, options.dtype(at::kBool)),
+  };
+}
+
+SolveOutputs cast_state(SolveOutputs out, at::ScalarType dtype) {
+  std::get<0>(out) = std::get<0>(out).to(dtype);
+  return out;
+}
+
+SolveOutputs forward_solve(
+    const at::Tensor& u,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& z0,
+    int64_t activation,
+    double tol,
+    int64_t max_iter,
+    bool batch_stop) {
+  constexpr const char* op = "pcdeq_C::forward_solve";
+  check_dense(op, "u", u, weight);
+  check_options(op, tol, max_iter);
+  TORCH_CHECK(
+      is_valid_activation(static_cast<int>(activation)),
+      op, ": unknown activation id ", activation, " (0 tanh, 1 softsign, 2 relu6, 3 sigmoid)");
+  if (z0.has_value()) {
+    check_like(op, "z0", *z0, u, "u");
+  }
+  const c10::cuda::CUDAGuard guard(u.device());
+  check_capability(op, u.device());
+  const auto dtype = state_dtype(u.scalar_type());
+  at::Tensor x0 = z0.has_value() ? z0->to(dtype).contiguous() : at::zeros(u.sizes(), u.options().dtype(dtype));
+  if (u.size(0) == 0 || u.size(1) == 0) {
+    return trivial_solve(x0, tol, max_iter, u.scalar_type());
+  }
+  const Engine engine = choose_engine(u.scalar_type());
+  DenseProblem problem;
+  problem.m = operand_matrix(weight, /*transpose=*/true, operand_dtype(engine));  // z @ W^T
+  problem.side0 = u.to(dtype).contiguous();
+  problem.x0 = std::move(x0);
+  problem.mode = static_cast<int>(activation);
+  problem.tol = tol;
+  problem.max_iter = max_iter;
+  problem.batch_stop = batch_stop;
+  problem.path = path_from_env();
+  return cast_state(run(engine, problem), u.scalar_type());
+}
+
+SolveOutputs adjoint_solve(
+    const at::Tensor& v,
+    const at::Tensor& weight,
+    const at::Tensor& D,
+    double tol,
+    int64_t max_iter,
+    bool batch_stop) {
+  constexpr const char* op = "pcdeq_C::adjoint_solve";
+  check_dense(op, "v", v, weight);
+  check_options(op, tol, max_iter);
+  check_like(op, "D", D, v, "v");
+  const c10::cuda::CUDAGuard guard(v.device());
+  check_capability(op, v.device());
+  const auto dtype = state_dtype(v.scalar_type());
+  at::Tensor v_c = v.to(dtype).contiguous();
+  at::Tensor d_c = D.to(dtype).contiguous();
+  at::Tensor x0 = at::mul(d_c, v_c);  // h_0 = D * v
+  if (v.size(0) == 0 || v.size(1) == 0) {
+    return trivial_solve(x0, tol, max_iter, v.scalar_type());
+  }
+  const Engine engine = choose_engine(v.scalar_type());
+  DenseProblem problem;
+  problem.m = operand_matrix(weight, /*transpose=*/false, operand_dtype(engine));  // h @ W
+  problem.side0 = std::move(v_c);
+  problem.side1 = std::move(d_c);
+  problem.x0 = std::move(x0);
+  problem.mode = kAdjoint;
+  problem.tol = tol;
+  problem.max_iter = max_iter;
+  problem.batch_stop = batch_stop;
+  problem.path = path_from_env();
+  return cast_state(run(engine, problem), v.scalar_type());
+}
+
+}  // namespace
+}  // namespace pcdeq::cuda
+
+TORCH_LIBRARY_IMPL(pcdeq_C, CUDA, m) {
+  m.impl("forward_solve", &pcdeq::cuda::forward_solve);
+  m.impl("adjoint_solve", &pcdeq::cuda::adjoint_solve);
+}

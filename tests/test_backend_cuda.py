@@ -1,0 +1,582 @@
+"""The compiled CUDA backend (pcdeq_kernels._C built with csrc/cuda/, backend="cuda") against the reference.
+
+Two kinds of tests:
+
+- GPU tests (skipped, with the reason, where the backend cannot run: no GPU, or an extension built
+  without its CUDA kernels). Both loops are tested on every shape: the single-launch solve and the
+  stepwise one, forced with PCDEQ_CUDA_PATH; shapes B in {1, 7, 33, 300}, d in {1, 5, 80, 131, 300,
+  1100} cover one and many row blocks, ragged tiles and d beyond what the single launch holds in
+  shared memory (where it falls back to the stepwise loop).
+- A compile test that needs no GPU: nvcc builds csrc/cuda/*.cu for sm_80 and sm_90 with -Xptxas -v,
+  and no kernel may spill. Skipped only without nvcc or without torch's CUDA headers.
+
+Tolerances, each with its reason:
+
+- float64 (CUDA cores) and float32 with torch's default "highest" matmul precision (exact fp32 on CUDA
+  cores) are held to the CPU backend's rules (tests/test_backend_cpu.py): only the summation order
+  differs from the reference's cuBLAS matmul, so iterates agree to 1e-12 (float64, tol 1e-9) and 1e-5
+  (float32, tol 1e-4), and iteration counts are equal except off by one where the residual sits
+  within 1e-6 (float64) or 1e-2 (float32) relative of tol at the earlier count.
+- tf32 (float32 with matmul precision "high"), float16, bfloat16: the matmul sees the state (and W,
+  for tf32) rounded to the operand type, unit roundoff u = 2^-11 (tf32: 10-bit mantissa; fp16) or
+  2^-8 (bf16), accumulating in fp32; half inputs are otherwise solved in float32 as the reference
+  solves them. A relative perturbation of at most ~2u per product moves the fixed point by at most
+  2u / (1 - c), c the sample's contraction bound (reference.contraction_bound: large when W's row sum
+  is near 1, as in some d = 1 problems). Allowed, per sample (per batch, Frobenius, for stop="batch"):
+  ||x - x_ref|| <= (4u + 2 tol) / (1 - c) ||x_ref||, the 2 tol for the two solves' stopping errors,
+  plus 4 * 2^-24 / (1 - c) per entry for fp16 (its subnormal spacing: tiny injections give entries
+  near 1e-6, where fp16 has no relative precision left). Against the float64 solution (tf32) or the
+  reference's float32 solve of the same half inputs (fp16/bf16). A simulation of these iterations
+  in PyTorch (operands rounded as the kernels round them) stays below 0.4 of this bound on every
+  shape, activation and stop rule here.
+- With rounded operands the counts cannot match the exact ones step for step (the rounded iteration
+  becomes stationary, residual exactly 0, once the state stops changing at the operand's precision):
+  a rounded solve never takes more than 25% + 2 more steps than the exact one.
+"""
+
+import functools
+import math
+import os
+import re
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import pcdeq_kernels as pk
+from pcdeq_kernels import backends, reference
+from pcdeq_kernels.activations import get_activation
+from pcdeq_kernels.backends import cuda
+
+from problems import ALL_ACTIVATIONS, make_problem
+
+ROOT = Path(__file__).parents[1]
+CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+gpu = pytest.mark.skipif(
+    not cuda.is_available(), reason=f"the CUDA backend cannot run here: {cuda.unavailable_reason()}"
+)
+
+SHAPES = [(b, d) for b in (1, 7, 33, 300) for d in (1, 5, 80, 131, 300, 1100)]
+PATHS = ("single", "stepwise")
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+NEAR_TOL = {torch.float64: 1e-6, torch.float32: 1e-2}
+STATE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+UNIT_ROUNDOFF = {"tf32": 2.0**-11, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+TINY = {"tf32": 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}  # fp16's subnormal spacing
+TF32_RTOL = 5e-3  # c ~ 0.5 problems: (4u + 2 tol) / (1 - c) ~ 4e-3
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Force the single-launch or the stepwise loop (read by the C++ side at every call)."""
+    monkeypatch.setenv("PCDEQ_CUDA_PATH", request.param)
+    return request.param
+
+
+@pytest.fixture
+def fp32_highest():
+    """torch's default: exact fp32 matmuls (the CUDA backend then uses CUDA cores)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def fp32_tf32():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def _gpu(*tensors):
+    return tuple(t.cuda() for t in tensors)
+
+
+def _step_residuals(step_fn, x0, steps, stop):
+    """The reference's residual after exactly `steps` applications of the map, with no early exit."""
+    x = x0
+    for _ in range(steps - 1):
+        x = step_fn(x)
+    x_next = step_fn(x)
+    if stop == "batch":
+        return reference.batch_relative_residual(x_next, x).expand(x0.shape[0])
+    return reference.relative_residual(x_next, x)
+
+
+def _check_against_reference(got, want, step_fn, x0, tol, stop, dtype):
+    """Counts equal except off by one at a residual near tol; states, residuals, flags agree."""
+    x, its, res, conv = got
+    x_ref, its_ref, res_ref, conv_ref = want
+    assert x.device.type == "cuda" and its.device.type == "cuda"
+    assert x.dtype == x_ref.dtype and its.dtype == torch.int32 and conv.dtype == torch.bool
+    assert res.dtype == res_ref.dtype and x.shape == x_ref.shape and its.shape == its_ref.shape
+    differ = its != its_ref
+    if differ.any():
+        assert ((its - its_ref).abs() <= 1).all(), (its, its_ref)
+        for b in differ.nonzero().flatten().tolist():
+            k = int(min(its[b], its_ref[b]))
+            r = _step_residuals(step_fn, x0, k, stop)[b].item()
+            assert abs(r - tol) <= NEAR_TOL[dtype] * tol, (b, k, r, tol)
+    same = ~differ
+    torch.testing.assert_close(x[same], x_ref[same], rtol=STATE_RTOL[dtype], atol=STATE_RTOL[dtype])
+    torch.testing.assert_close(x[differ], x_ref[differ], rtol=10 * tol, atol=10 * tol)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(res[same], res_ref[same], rtol=1e-3, atol=16 * eps)
+    assert torch.equal(conv, conv_ref)
+
+
+def _forward_step(u, w, activation):
+    act = get_activation(activation).fn
+    return lambda z: act(reference.linear_map(z, w) + u)
+
+
+@functools.lru_cache(maxsize=None)
+def _adjoint_problem_f64(batch, dim, activation, seed):
+    """(v, W, D) in float64 on the GPU: D at the forward fixed point (solved there, once per problem)."""
+    u, w = _gpu(*make_problem(batch, dim, activation, dtype=torch.float64, seed=seed))
+    z, *_ = reference.forward_solve(u, w, activation, tol=1e-13, max_iter=2000)
+    D = reference.activation_derivative_at(z, u, w, activation)
+    v = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return v.cuda(), w, D
+
+
+def _adjoint_problem(batch, dim, activation, dtype, seed=0):
+    return tuple(t.to(dtype) for t in _adjoint_problem_f64(batch, dim, activation, seed))
+
+
+def _sample_rel_err(x, x_ref):
+    x, x_ref = x.double(), x_ref.double()
+    return ((x - x_ref).norm(dim=1) / x_ref.norm(dim=1).clamp_min(1e-30)).max().item()
+
+
+# --- exact arithmetic: float64 and float32 at "highest" ------------------------------------------
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_forward_solve_matches_reference(activation, dtype, stop, path, fp32_highest):
+    tol = TOL[dtype]
+    for seed, (batch, dim) in enumerate(SHAPES):
+        u, w = _gpu(*make_problem(batch, dim, activation, dtype=dtype, seed=seed, weight_scale=0.8))
+        got = cuda.forward_solve(u, w, None, activation, tol, 500, stop)
+        want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
+        _check_against_reference(got, want, _forward_step(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        assert got[3].all()
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_adjoint_solve_matches_reference(activation, dtype, stop, path, fp32_highest):
+    tol = TOL[dtype]
+    for seed, (batch, dim) in enumerate(SHAPES):
+        v, w, D = _adjoint_problem(batch, dim, activation, dtype, seed=seed)
+        got = cuda.adjoint_solve(v, w, D, tol, 500, stop)
+        want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
+        _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_ragged_convergence(stop, path):
+    # rows with very different injections stop at very different steps: frozen rows must keep their
+    # state and count while the others go on (in shared memory, or between the two global buffers)
+    u, w = make_problem(300, 131, "softsign", weight_scale=0.95)
+    u = u * torch.logspace(-3, 1, 300, dtype=torch.float64)[:, None]
+    u, w = _gpu(u, w)
+    got = cuda.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
+    want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
+    if stop == "sample":
+        assert want[1].unique().numel() > 5  # the point of the test
+    _check_against_reference(got, want, _forward_step(u, w, "softsign"), torch.zeros_like(u), 1e-10, stop, torch.float64)
+
+
+@gpu
+def test_max_iter_cap_and_no_convergence(path):
+    for batch, dim in ((9, 17), (70, 200)):
+        u, w = _gpu(*make_problem(batch, dim, "tanh", weight_scale=0.9))
+        for stop in ("sample", "batch"):
+            for max_iter in (0, 1, 6, 9, 17):  # around the stepwise loop's every-8-steps host read
+                z, its, res, conv = cuda.forward_solve(u, w, None, "tanh", 1e-30, max_iter, stop)
+                want = reference.forward_solve(u, w, "tanh", tol=1e-30, max_iter=max_iter, stop=stop)
+                assert (its == max_iter).all() and not conv.any()
+                assert torch.equal(its, want[1]) and torch.equal(conv, want[3])
+                torch.testing.assert_close(z, want[0], rtol=1e-13, atol=1e-13)
+                torch.testing.assert_close(res, want[2], rtol=1e-8, atol=0)
+
+
+@gpu
+def test_nan_residual_never_counts_as_converged(path):
+    u, w = make_problem(40, 6, "sigmoid")
+    u[2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
+    u, w = _gpu(u, w)
+    for stop in ("sample", "batch"):
+        z, its, res, conv = cuda.forward_solve(u, w, None, "sigmoid", 1e-6, 50, stop)
+        z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "sigmoid", tol=1e-6, max_iter=50, stop=stop)
+        assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
+        assert res[2].isnan() and not conv[2] and its[2] == 50
+        torch.testing.assert_close(z, z_ref, equal_nan=True)
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_z0_is_the_starting_point(stop, path):
+    u, w = make_problem(7, 80, "relu6", weight_scale=0.8)
+    z0 = torch.rand_like(u) * 3
+    u, w, z0 = _gpu(u, w, z0)
+    got = cuda.forward_solve(u, w, z0, "relu6", 1e-9, 500, stop)
+    want = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=500, stop=stop, z0=z0)
+    _check_against_reference(got, want, _forward_step(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
+    one = cuda.forward_solve(u, w, z0, "relu6", 1e-9, 1, stop)[0]
+    torch.testing.assert_close(one, _forward_step(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
+
+
+# --- rounded operands: tf32, float16, bfloat16 -----------------------------------------------------
+
+
+def _assert_within_rounding(x, x_ref, c, kind, stop, tol=1e-4):
+    """The rounded-operand bound of the module docstring; c: per-sample contraction bounds."""
+    x, x_ref, c = x.double(), x_ref.double(), c.double()
+    unit, tiny = UNIT_ROUNDOFF[kind], TINY[kind]
+    if stop == "batch":
+        c_max = c.max()
+        allowed = (4 * unit + 2 * tol) / (1 - c_max) * x_ref.norm() + 4 * tiny * x.numel() ** 0.5 / (1 - c_max)
+        assert (x - x_ref).norm() <= allowed, ((x - x_ref).norm().item(), allowed.item())
+    else:
+        allowed = (4 * unit + 2 * tol) / (1 - c) * x_ref.norm(dim=1) + 4 * tiny * x.shape[1] ** 0.5 / (1 - c)
+        excess = (x - x_ref).norm(dim=1) / allowed
+        assert (excess <= 1).all(), excess.max().item()
+
+
+def _not_slower(its, its_ref):
+    return (its <= its_ref + (0.25 * its_ref.float()).long() + 2).all()
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_tf32_forward_and_adjoint(activation, stop, path, fp32_tf32):
+    for seed, (batch, dim) in enumerate(SHAPES):
+        u, w = _gpu(*make_problem(batch, dim, activation, dtype=torch.float64, seed=seed))
+        its64 = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)[1]
+        z_star = reference.forward_solve(u, w, activation, tol=1e-13, max_iter=3000)[0]
+        c = reference.contraction_bound(z_star, u, activation)
+        z, its, res, conv = cuda.forward_solve(u.float(), w.float(), None, activation, 1e-4, 500, stop)
+        assert z.dtype == torch.float32 and res.dtype == torch.float32
+        assert conv.all(), (batch, dim)  # from z0 = 0 the rounded iteration is monotone: it must stop
+        _assert_within_rounding(z, z_star, c, "tf32", stop)
+        assert _not_slower(its, its64), (batch, dim, its, its64)
+        v, w64, D = _adjoint_problem(batch, dim, activation, torch.float64, seed=seed)
+        h_star = reference.adjoint_solve(v, w64, D, tol=1e-13, max_iter=3000)[0]
+        h, *_ = cuda.adjoint_solve(v.float(), w64.float(), D.float(), 1e-4, 500, stop)
+        _assert_within_rounding(h, h_star, c, "tf32", stop)
+
+
+@gpu
+def test_fp32_precision_setting_picks_the_engine():
+    # the same float32 problem: exact to 1e-5 at "highest", tf32-perturbed (but within 5e-3) at "high"
+    u, w = _gpu(*make_problem(33, 300, "tanh", dtype=torch.float64, weight_scale=0.5))
+    z_star = reference.forward_solve(u, w, "tanh", tol=1e-13, max_iter=2000)[0]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        exact = cuda.forward_solve(u.float(), w.float(), None, "tanh", 1e-7, 500, "sample")[0]
+        torch.set_float32_matmul_precision("high")
+        tf32 = cuda.forward_solve(u.float(), w.float(), None, "tanh", 1e-7, 500, "sample")[0]
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert _sample_rel_err(exact, z_star) < 1e-5
+    assert 1e-6 < _sample_rel_err(tf32, z_star) <= TF32_RTOL
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_half_precision_forward_and_adjoint(activation, dtype, stop, path):
+    for seed, (batch, dim) in enumerate(SHAPES):
+        u, w = _gpu(*make_problem(batch, dim, activation, dtype=dtype, seed=seed))
+        z, its, res, conv = cuda.forward_solve(u, w, None, activation, 1e-4, 500, stop)
+        z_ref, its_ref, *_ = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)
+        c = reference.contraction_bound(reference.forward_solve(u, w, activation, tol=1e-6, max_iter=3000)[0], u, activation)
+        assert z.dtype == dtype and res.dtype == torch.float32 and its.dtype == torch.int32
+        assert conv.all(), (batch, dim)
+        _assert_within_rounding(z, z_ref, c, dtype, stop)
+        assert _not_slower(its, its_ref), (batch, dim, its, its_ref)
+        v, w64, D = _adjoint_problem(batch, dim, activation, torch.float64, seed=seed)
+        v, wh, D = v.to(dtype), w64.to(dtype), D.to(dtype)
+        h, *_ = cuda.adjoint_solve(v, wh, D, 1e-4, 500, stop)
+        h_ref, *_ = reference.adjoint_solve(v, wh, D, tol=1e-4, max_iter=500, stop=stop)
+        assert h.dtype == dtype
+        _assert_within_rounding(h, h_ref, c, dtype, stop)
+
+
+# --- the epilogue's activation math ---------------------------------------------------------------
+
+
+def _one_step(x, activation):
+    """act(x) computed by the backend: one step from z0 = 0 with W = 0 gives act(0 + u), u = x."""
+    d = 131
+    n = x.numel()
+    pad = (-n) % d
+    u = torch.cat([x, x.new_zeros(pad)]).view(-1, d).cuda()
+    w = x.new_zeros(d, d).cuda()
+    z, *_ = torch.ops.pcdeq_C.forward_solve(u, w, None, get_activation(activation).kernel_id, 1e-4, 1, False)
+    return z.flatten()[:n].cpu()
+
+
+def _ulps(got, exact, dtype):
+    rounded = exact.to(dtype).abs()
+    spacing = (torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype)) - rounded).double()
+    return (got.double() - exact).abs() / spacing
+
+
+# CUDA's libdevice bounds (CUDA C Programming Guide, mathematical functions): tanhf 2 ulp, expf 2 ulp,
+# IEEE division and sqrt (no --use_fast_math); float64 tanh and exp 1 ulp. softsign is two rounded
+# operations (1.5); relu6 exact; sigmoid is exp then up to three rounded operations (x < 0: e / (1+e)
+# as e * (1 / (1 + e))): 2 + 1.5 in float32, 1 + 1.5 in float64. float64 is compared with torch's own
+# float64, itself up to 1 ulp off the exact value, so 1 ulp is added there.
+MAX_ULPS = {
+    torch.float32: {"tanh": 2.0, "softsign": 1.5, "relu6": 0.0, "sigmoid": 3.5},
+    torch.float64: {"tanh": 2.0, "softsign": 2.5, "relu6": 0.0, "sigmoid": 3.5},
+}
+
+
+@gpu
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_activation_accuracy(activation, dtype, path, fp32_highest):
+    grid = torch.linspace(-30, 30, 20001, dtype=torch.float64)
+    tiny = torch.logspace(-30, 0, 3001, dtype=torch.float64)
+    x = torch.cat([grid, tiny, -tiny, torch.tensor([0.0, 0.625, -0.625, 6.0, 100.0, -100.0], dtype=torch.float64)])
+    x = x.to(dtype)
+    exact = get_activation(activation).fn(x.double())
+    got = _one_step(x, activation)
+    assert got.dtype == dtype
+    assert _ulps(got, exact, dtype).max().item() <= MAX_ULPS[dtype][activation]
+    special = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
+    torch.testing.assert_close(_one_step(special, activation), get_activation(activation).fn(special), equal_nan=True)
+
+
+# --- inputs, errors, dispatch ------------------------------------------------------------------------
+
+
+@gpu
+def test_inputs_are_not_modified_and_strides_do_not_matter(path):
+    u, w = _gpu(*make_problem(12, 40, "tanh"))
+    wide = torch.zeros(12, 80, dtype=torch.float64, device="cuda")
+    wide[:, ::2] = u
+    u_strided = wide[:, ::2]
+    w_t = w.t().contiguous().t()
+    before = (u.clone(), w.clone())
+    want = cuda.forward_solve(u, w, None, "tanh", 1e-9, 500, "sample")
+    got = cuda.forward_solve(u_strided, w_t, None, "tanh", 1e-9, 500, "sample")
+    assert torch.equal(u, before[0]) and torch.equal(w, before[1]) and torch.equal(wide[:, ::2], before[0])
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
+    v, w2, D = _adjoint_problem(12, 40, "tanh", torch.float64)
+    saved = (v.clone(), w2.clone(), D.clone())
+    cuda.adjoint_solve(v, w2, D, 1e-9, 500, "batch")
+    assert all(torch.equal(a, b) for a, b in zip((v, w2, D), saved))
+
+
+@gpu
+def test_empty_batch():
+    w = torch.rand(5, 5, device="cuda") * 0.1
+    z, its, res, conv = torch.ops.pcdeq_C.forward_solve(torch.zeros(0, 5, device="cuda"), w, None, 0, 1e-4, 10, False)
+    assert z.shape == (0, 5) and its.shape == res.shape == conv.shape == (0,)
+    assert z.is_cuda and its.is_cuda
+
+
+@gpu
+def test_bad_inputs_raise_clear_errors():
+    u, w = _gpu(*make_problem(3, 4, "tanh"))
+    op = torch.ops.pcdeq_C.forward_solve
+    with pytest.raises(RuntimeError, match="dense pcDEQ needs u of shape"):
+        op(u, torch.rand(5, 5, dtype=torch.float64, device="cuda"), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="but weight is"):
+        op(u, w.float(), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="pcDEQ solves float16, bfloat16, float32 or float64"):
+        op(u.long(), w.long(), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="unknown activation id 7"):
+        op(u, w, None, 7, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="z0 must match u"):
+        op(u, w, u[:2], 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="max_iter must be >= 0"):
+        op(u, w, None, 0, 1e-4, -1, False)
+    with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
+        op(u, w.cpu(), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="D must match v"):
+        torch.ops.pcdeq_C.adjoint_solve(u, w, u.float(), 1e-4, 10, False)
+    with pytest.raises(ValueError, match="stop must be one of"):
+        cuda.forward_solve(u, w, None, "tanh", 1e-4, 10, "never")
+
+
+@gpu
+def test_bad_path_variable(monkeypatch):
+    u, w = _gpu(*make_problem(3, 4, "tanh"))
+    monkeypatch.setenv("PCDEQ_CUDA_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="PCDEQ_CUDA_PATH=fastest: choose auto, single or stepwise"):
+        torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-4, 10, False)
+
+
+@gpu
+def test_auto_picks_cuda_for_dense_cuda_problems():
+    assert pk.available_backends()["cuda"]
+    assert backends.resolve("auto", "cuda", "dense") == "cuda"
+    u, w = _gpu(*make_problem(3, 4, "tanh"))
+    assert pk.fixed_point(u, w)[1].backend == "cuda"
+    with pytest.raises(ValueError, match="does not support conv problems"):
+        uc, wc = _gpu(*make_problem(2, 3, "tanh", conv_hw=(4, 4)))
+        pk.fixed_point(uc, wc, backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_gradients_match_the_reference_backend_float64(activation, stop, path):
+    u, w = _gpu(*make_problem(6, 37, activation, weight_scale=0.7))
+    weights = torch.randn(6, 37, generator=torch.Generator().manual_seed(3), dtype=torch.float64).cuda()
+    results = {}
+    for backend in ("cuda", "reference"):
+        uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
+        z, stats = pk.fixed_point(uu, ww, activation, tol=1e-13, max_iter=5000, stop=stop, backend=backend)
+        assert stats.backend == backend
+        results[backend] = (z, *torch.autograd.grad((z * weights).sum(), (uu, ww)), stats)
+    for got, want in zip(results["cuda"][:3], results["reference"][:3]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-10
+    got_stats, want_stats = results["cuda"][3], results["reference"][3]
+    assert (got_stats.backward_iterations > 0).all()
+    assert (got_stats.forward_iterations - want_stats.forward_iterations).abs().max() <= 1
+    assert (got_stats.backward_iterations - want_stats.backward_iterations).abs().max() <= 1
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_in_lower_precision(dtype, fp32_tf32):
+    # a training-like call (paper size, tf32 or bf16): gradients close to the float64 ones
+    u, w = make_problem(64, 80, "tanh", weight_scale=0.5)
+    weights = torch.randn(64, 80, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u, w, weights = _gpu(u, w, weights)
+    grads = {}
+    for backend, dt in (("cuda", dtype), ("reference", torch.float64)):
+        uu, ww = u.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        z, _ = pk.fixed_point(uu, ww, "tanh", tol=1e-6 if dt == torch.float64 else 1e-4, backend=backend)
+        grads[backend] = [g.double() for g in torch.autograd.grad((z.double() * weights).sum(), (uu, ww))]
+    rtol = 4e-2 if dtype == torch.bfloat16 else 1e-2  # (4u + 2 tol) / (1 - c), c ~ 0.5, and its effect on D
+    for got, want in zip(grads["cuda"], grads["reference"]):
+        assert ((got - want).norm() / want.norm()).item() < rtol
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck_both_ops(dtype):
+    u, w = _gpu(*make_problem(3, 5, "tanh", dtype=dtype))
+    z0 = torch.rand_like(u)
+    for z_init in (None, z0):
+        for batch_stop in (False, True):
+            torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (u, w, z_init, 0, 1e-6, 100, batch_stop))
+    v, w, D = _adjoint_problem(3, 5, "tanh", dtype)
+    for batch_stop in (False, True):
+        torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, batch_stop))
+
+
+# --- compiling the kernels without a GPU ---------------------------------------------------------------
+
+
+def _toolkit():
+    """A CUDA toolkit root with nvcc and the runtime headers (not a wrapper script named nvcc)."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda-13.0", "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return Path(root)
+    return None
+
+
+def _torch_include_dirs():
+    from torch.utils import cpp_extension
+
+    try:  # torch >= 2.6
+        return cpp_extension.include_paths(device_type="cuda")
+    except TypeError:
+        return cpp_extension.include_paths(cuda=True)
+    except OSError:  # torch found no CUDA_HOME of its own: its headers are enough, the toolkit's are added
+        return cpp_extension.include_paths()
+
+
+# every kernel is on the hot path of some solve
+HOT_KERNELS = ("dense_solve_block_kernel", "dense_step_kernel", "dense_finalize_kernel", "dense_gather_kernel")
+
+
+def _ptxas_report(text):
+    """{(kernel, arch): (registers, spill stores, spill loads, smem bytes)} from nvcc -Xptxas -v output."""
+    report = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            current = m.groups()
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and current:
+            report.setdefault(current, [0, 0, 0, 0])[1:3] = [int(m.group(1)), int(m.group(2))]
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current:
+            smem = re.search(r"(\d+) bytes smem", line)
+            entry = report.setdefault(current, [0, 0, 0, 0])
+            entry[0] = int(m.group(1))
+            entry[3] = int(smem.group(1)) if smem else 0
+    return {k: tuple(v) for k, v in report.items()}
+
+
+def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
+    toolkit = _toolkit()
+    if toolkit is None:
+        pytest.skip("no CUDA toolkit (nvcc and its headers) under CUDA_HOME, CUDA_PATH or /usr/local/cuda*")
+    torch_dirs = _torch_include_dirs()
+    # a CPU build of torch ships c10/cuda/*.h but not the configured c10/cuda/impl/cuda_cmake_macros.h
+    if not any((Path(d) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for d in torch_dirs):
+        pytest.skip(f"torch {torch.__version__} is not a CUDA build: its CUDA headers are incomplete")
+    aten = next(Path(d) / "ATen" / "ATen.h" for d in torch_dirs if (Path(d) / "ATen" / "ATen.h").exists())
+    std = "c++20" if "C++20 or later" in aten.read_text() else "c++17"
+    flags = [
+        f"-std={std}", "-O3", "-lineinfo", "-Xptxas", "-v", "--expt-relaxed-constexpr",
+        "--compiler-options", "-fPIC",
+        # as torch's BuildExtension compiles CUDA sources
+        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+    ]
+    includes = [ROOT / "csrc" / "include", ROOT / "csrc", toolkit / "include", *torch_dirs, sysconfig.get_paths()["include"]]
+    flags += [f"-I{d}" for d in includes]
+    assert CUDA_SOURCES, "no csrc/cuda/*.cu"
+    jobs = max(1, min(len(CUDA_SOURCES), os.cpu_count() or 1))
+    outputs = {}
+    pending = list(CUDA_SOURCES)
+    running = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            src = pending.pop(0)
+            cmd = [str(toolkit / "bin" / "nvcc"), "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), *flags]
+            running.append((src, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+        src, proc = running.pop(0)
+        out, _ = proc.communicate()
+        assert proc.returncode == 0, f"nvcc failed on {src.name}:\n{out[-6000:]}"
+        outputs[src.name] = out
+    report = _ptxas_report("\n".join(outputs.values()))
+    hot = {key: value for key, value in report.items() if any(name in key[0] for name in HOT_KERNELS)}
+    for arch in ("sm_80", "sm_90"):
+        for name in HOT_KERNELS:
+            assert any(name in k and a == arch for k, a in hot), (name, arch, sorted(report))
+    spilling = {key: value for key, value in hot.items() if value[1] or value[2]}
+    assert not spilling, f"kernels spill registers: {spilling}"
+    # the step kernel's static shared memory stays under the 48 KB default (no opt-in needed)
+    assert all(value[3] <= 48 * 1024 for key, value in hot.items() if "dense_step_kernel" in key[0])
