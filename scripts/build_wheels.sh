@@ -80,7 +80,7 @@ build() {  # build KIND VENV: one wheel into $OUT, echoes its path
 check() {  # check KIND WHEEL: install into a fresh venv with its torch, import, inspect registrations
   local kind=$1 wheel=$2 spec=$3 venv="$WORK/check-$1"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q "$spec"
+  "$venv/bin/pip" install -q "$spec" numpy
   "$venv/bin/pip" install -q --no-deps "$wheel"
   (cd "$WORK" && "$venv/bin/python" - "$kind" <<'EOF'
 import sys
@@ -103,7 +103,7 @@ EOF
   )
   if [ "$kind" = cuda ]; then
     local so cuobjdump
-    so=$("$venv/bin/python" -c "from pcdeq_kernels import _C; print(_C.__file__)")
+    so=$(cd "$WORK" && "$venv/bin/python" -c "from pcdeq_kernels import _C; print(_C.__file__)")
     cuobjdump=$(ls "$ROOT"/.venv/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump 2>/dev/null | head -n 1)
     cuobjdump=${cuobjdump:-$CUDA_HOME/bin/cuobjdump}
     echo "GPU code in $(basename "$so"):"
