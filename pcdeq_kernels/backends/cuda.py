@@ -15,18 +15,18 @@ own matmuls), otherwise exact float32 on CUDA cores; float16/bfloat16 are solved
 state rounded to the input dtype for the tensor-core matmul; float64 on CUDA cores. Needs a GPU of
 compute capability 8.0 or newer. Dense problems only; semantics of ``pcdeq_kernels.reference``.
 ``PCDEQ_CUDA_PATH=single|stepwise`` forces one of the two loops (for tests and benchmarks).
-The fake kernels of the shared op names are registered by ``backends/cpu.py``.
+The fake kernels of the shared op names are registered in ``backends/compiled.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..activations import get_activation
+from . import compiled
+from .compiled import adjoint_solve, forward_solve  # noqa: F401  (the backend interface)
 
 NAME = "cuda"
 KINDS = ("dense",)
-STOP_RULES = ("sample", "batch")
 MIN_CAPABILITY = (8, 0)
 
 _HOW_TO_BUILD = (
@@ -35,25 +35,7 @@ _HOW_TO_BUILD = (
     "(PCDEQ_FORCE_CUDA=1 builds the CUDA kernels even where torch sees no GPU)"
 )
 
-try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.pcdeq_C)
-
-    _IMPORT_ERROR: Exception | None = None
-except (ImportError, OSError) as err:  # not built, or built against another torch
-    _IMPORT_ERROR = err
-
-
-def _kernels_registered() -> bool:
-    try:
-        return all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(f"pcdeq_C::{op}", "CUDA")
-            for op in ("forward_solve", "adjoint_solve")
-        )
-    except RuntimeError:  # the ops themselves are not defined
-        return False
-
-
-_REGISTERED = _IMPORT_ERROR is None and _kernels_registered()
+_REGISTERED = compiled.has_kernels("CUDA")
 
 
 _CAPABILITY_REASON: dict[int, str] = {}  # per device index: the dispatcher asks on every call
@@ -82,8 +64,8 @@ def is_available() -> bool:
 
 
 def unavailable_reason() -> str:
-    if _IMPORT_ERROR is not None:
-        return f"{_HOW_TO_BUILD} (importing pcdeq_kernels._C failed: {_IMPORT_ERROR})"
+    if compiled.IMPORT_ERROR is not None:
+        return f"{_HOW_TO_BUILD} (importing pcdeq_kernels._C failed: {compiled.IMPORT_ERROR})"
     if not _REGISTERED:
         return f"pcdeq_kernels._C was built without its CUDA kernels (a CPU-only build): {_HOW_TO_BUILD}"
     return _gpu_reason()
@@ -91,18 +73,3 @@ def unavailable_reason() -> str:
 
 def supports(device_type: str, kind: str) -> bool:
     return device_type == "cuda" and kind in KINDS
-
-
-def _batch_stop(stop: str) -> bool:
-    if stop not in STOP_RULES:
-        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    return stop == "batch"
-
-
-def forward_solve(u, weight, z0, activation, tol, max_iter, stop):
-    kernel_id = get_activation(activation).kernel_id
-    return torch.ops.pcdeq_C.forward_solve(u, weight, z0, kernel_id, float(tol), int(max_iter), _batch_stop(stop))
-
-
-def adjoint_solve(v, weight, D, tol, max_iter, stop):
-    return torch.ops.pcdeq_C.adjoint_solve(v, weight, D, float(tol), int(max_iter), _batch_stop(stop))
