@@ -144,7 +144,7 @@ def test_header_scalar_math_matches_the_activation_table(tmp_path):
 
 def _one_step(x, activation):
     """act(x) computed by the backend: one step from z0 = 0 with W = 0 gives act(0 + u), u = x.
-    Rows of 131 run the SIMD body and the scalar tail of the fused pass."""
+    Rows of 131 run the fused pass's full vectors and its masked last vector."""
     d = 131
     n = x.numel()
     pad = (-n) % d
@@ -212,18 +212,49 @@ def test_adjoint_solve_matches_reference(activation, dtype, stop):
         _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
 
 
+@pytest.mark.parametrize("batch,dim", [(257, 131), (12, 1100)])  # the packed kernel; BLAS
 @pytest.mark.parametrize("stop", ["sample", "batch"])
-def test_ragged_convergence_and_thread_blocks(stop, two_threads):
-    # rows with very different injections converge at very different steps, so the active set
-    # shrinks many times (and is recut into per-thread blocks each time)
-    u, w = make_problem(257, 131, "softsign", weight_scale=0.95)
-    u = u * torch.logspace(-3, 1, 257, dtype=torch.float64)[:, None]
+def test_ragged_convergence_and_thread_blocks(stop, batch, dim, two_threads):
+    # rows with very different injections converge at very different steps, so the active lists of
+    # the row groups (two threads) shrink many times; on the BLAS path the remaining rows are then
+    # no longer consecutive and are gathered
+    u, w = make_problem(batch, dim, "softsign", weight_scale=0.95)
+    u = u * torch.logspace(-3, 1, batch, dtype=torch.float64)[:, None]
     got = cpu.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
     want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
     if stop == "sample":
         assert want[1].unique().numel() > 5  # the point of the test
     step = _forward_step(u, w, "softsign")
     _check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
+
+
+# Both matmul paths of csrc/cpu/solver.cpp: the register-blocked kernel (d <= kMaxPackedDim = 1024;
+# d = 200 is 13 AVX-512 float vectors, cut into 3 column chunks; 67 rows end in a partial row tile)
+# and BLAS above it. With 2 threads each shape is worth splitting (at least a 4-row tile and enough
+# work per thread), so rows are iterated in groups handed out to the threads (stop="sample") or in
+# one block per thread joined every step ("batch").
+KERNEL_SHAPES = [(8, 200), (67, 48), (9, 1100)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("batch,dim", KERNEL_SHAPES)
+def test_matmul_paths_and_threads_match_reference(batch, dim, stop, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float64, torch.float32):
+            tol = TOL[dtype]
+            u, w = make_problem(batch, dim, "tanh", dtype=dtype, seed=dim, weight_scale=0.8)
+            got = cpu.forward_solve(u, w, None, "tanh", tol, 500, stop)
+            want = reference.forward_solve(u, w, "tanh", tol=tol, max_iter=500, stop=stop)
+            _check_against_reference(got, want, _forward_step(u, w, "tanh"), torch.zeros_like(u), tol, stop, dtype)
+            v, w, D = _adjoint_problem(batch, dim, "tanh", dtype, seed=dim)
+            got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
+            want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
+            _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_max_iter_cap_and_no_convergence():
@@ -350,10 +381,12 @@ def test_gradients_match_the_reference_backend_float64(activation, stop):
     assert (got_stats.backward_iterations - want_stats.backward_iterations).abs().max() <= 1
 
 
-def test_thread_blocks_see_the_callers_autograd_and_inference_state(two_threads):
-    # 64 x 80 is split over two threads, whose matmuls are dispatcher calls: they must run below
-    # autograd (weight requires grad here) and in inference mode when the caller is in it
-    u, w = make_problem(64, 80, "tanh", weight_scale=0.8)
+@pytest.mark.parametrize("batch,dim", [(64, 80), (8, 1100)])  # the packed kernel; BLAS
+def test_thread_blocks_see_the_callers_autograd_and_inference_state(batch, dim, two_threads):
+    # both shapes are split over two threads; on the BLAS path their matmuls are dispatcher calls,
+    # which must run below autograd (weight requires grad here) and in inference mode when the
+    # caller is in it
+    u, w = make_problem(batch, dim, "tanh", weight_scale=0.8)
     uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
     z, stats = pk.fixed_point(uu, ww, "tanh", tol=1e-12, backend="cpu")
     gu, gw = torch.autograd.grad(z.square().sum(), (uu, ww))
@@ -368,7 +401,7 @@ def test_thread_blocks_see_the_callers_autograd_and_inference_state(two_threads)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_gradcheck_float64(activation):
     # u away from 0 (so the -eps probes stay valid, u >= 0) and a light W keep relu6's pre-activations
-    # off its kinks at 0 and 6; d = 17 runs both the SIMD body and the scalar tail of the fused pass
+    # off its kinks at 0 and 6; d = 17 runs both the full vectors and the masked last vector of the fused pass
     u, w = make_problem(3, 17, activation, weight_scale=0.3, u_offset=1.0, u_scale=0.3)
     u.requires_grad_()
     w.requires_grad_()

@@ -1,37 +1,48 @@
 // The CPU solve loops (see solver.h for the mathematics and the stopping rule).
 //
-// One iteration is two passes over the active rows:
-//   1. acc = x @ M through torch's BLAS (at::mm_out into a preallocated buffer; M = W^T forward,
-//      W adjoint), and
-//   2. one fused pass that forms the next state (act(acc + u), or D * (acc + v)), overwrites x with
-//      it, and reduces the row's ||x_next - x||^2 and ||x_next||^2.
-// Threads: the active rows are cut into one block per thread (at::parallel_for over blocks) and
-// each thread runs both passes on its block: its own single-threaded BLAS call, then the fused pass
-// while its block of acc is still in its cache. That is one fork/join per iteration instead of
-// BLAS's plus the pass's, worth ~20% at the paper's size (B=64, d=80) and neutral at large sizes.
-// Matmuls too small to be worth splitting stay in one block, where BLAS may thread internally.
+// One step of a sample is a row of x times M (M = W^T forward, W adjoint) followed by a fused pass
+// that forms the next state (act(acc + u), or D * (acc + v)), writes it over the row and reduces
+// the row's ||x_next - x||^2 and ||x_next||^2. The matmul is
+//   - for d <= kMaxPackedDim, a register-blocked kernel (small_gemm.h) on M packed once per solve,
+//     four rows at a time; each tile of rows goes through the fused pass while its output is still
+//     in L1. At the paper's size (B=64, d=80) this is ~2x faster per step than a BLAS call, which
+//     re-packs M and pays its dispatch every time; with MKL on the AMD machine we measure on (MKL
+//     takes its AVX2 path there) it stays faster up to d = 1024;
+//   - above it, one BLAS call (at::mm_out) on the active rows (gathered into a contiguous buffer
+//     once they are no longer consecutive).
 //
-// Samples are independent, so with the per-sample rule a converged row leaves the computation: its
-// state is written to its original index in the result and the last active row is moved into its
-// slot (a copy of one row per finished sample). The active rows thus stay packed at the top of
-// every buffer and the matmul shrinks with them, so early exits save real work. Nothing is
-// allocated inside the loop except, when the active count drops, the blocks' narrowed views.
+// The state lives in the result tensor, row b = sample b, from start to end. Under the per-sample
+// rule a sample that converges just leaves its group's list of active rows: its state is already
+// in place and the matmul shrinks with the active set.
+//
+// Threads (at::parallel_for, i.e. torch's OpenMP pool and its thread count), only when the batch
+// gives each one a full tile of rows and enough work per step:
+//   - per-sample rule: samples are independent, so the rows are cut into groups and each group is
+//     iterated to convergence by one thread, with no synchronisation per step. There are a few
+//     groups per thread, handed out on demand, so that a thread that wakes up late or a group
+//     that converges early does not leave the other thread idle at the end.
+//   - whole-batch rule: every step needs the ratio over the whole batch, so the rows are cut into
+//     one block per thread, joined after every step (one fork/join per step).
 #include "solver.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/cpu/vec/functional.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include <pcdeq/activations.h>
 
+#include "small_gemm.h"
 #include "vec_activations.h"
 
 namespace pcdeq::cpu {
@@ -39,75 +50,71 @@ namespace {
 
 // The official code's denominator guard (pcdeq_kernels.reference.RESIDUAL_EPS).
 constexpr double kResidualEps = 1e-5;
-// A row block's matmul must be at least this many flops (about 2 microseconds of one core) for the
-// rows to be split across threads: below it a fork/join costs as much as it saves.
-constexpr int64_t kMinBlockFlops = 200000;
 
-// The two maps as epilogues of the matmul. `rows` holds the per-row side inputs, packed alongside x.
+// The two maps as epilogues of the matmul, on `count` entries from column j (count < the vector
+// width only at a row's end: the loads then fill the other lanes with 0). `rows` holds the row's
+// side inputs.
 template <int ACT>
 struct ForwardStep {  // x_next = act(acc + u)
   static constexpr int kInputs = 1;  // u
   template <typename T>
-  static Vec<T> vec(const Vec<T>& acc, const T* const* rows, int64_t j) {
-    return activation_vec<ACT, T>(acc + Vec<T>::loadu(rows[0] + j));
-  }
-  template <typename T>
-  static T scalar(T acc, const T* const* rows, int64_t j) {
-    return activation<ACT, T>(acc + rows[0][j]);
+  static Vec<T> vec(const Vec<T>& acc, const T* const* rows, int64_t j, int64_t count) {
+    return activation_vec<ACT, T>(acc + Vec<T>::loadu(rows[0] + j, count));
   }
 };
 
 struct AdjointStep {  // x_next = D * (acc + v)
   static constexpr int kInputs = 2;  // v, D
   template <typename T>
-  static Vec<T> vec(const Vec<T>& acc, const T* const* rows, int64_t j) {
-    return Vec<T>::loadu(rows[1] + j) * (acc + Vec<T>::loadu(rows[0] + j));
-  }
-  template <typename T>
-  static T scalar(T acc, const T* const* rows, int64_t j) {
-    return rows[1][j] * (acc + rows[0][j]);
+  static Vec<T> vec(const Vec<T>& acc, const T* const* rows, int64_t j, int64_t count) {
+    return Vec<T>::loadu(rows[1] + j, count) * (acc + Vec<T>::loadu(rows[0] + j, count));
   }
 };
 
+// The sum of a vector's lanes (by shuffles on AVX2/AVX-512 float: ATen's reduction). GCC 12 warns
+// about an uninitialised operand inside the AVX-512 shuffle intrinsic ATen uses: a false positive
+// (the intrinsic's unused masked-off source), silenced here.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 template <typename T>
 double sum_lanes(const Vec<T>& v) {
-  T lanes[Vec<T>::size()];
-  v.store(lanes);
-  double total = 0;
-  for (int l = 0; l < Vec<T>::size(); ++l) {
-    total += lanes[l];
-  }
-  return total;
+  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
 }
 
 // The fused pass on one row of length d: x <- Step(acc, rows); returns ||x_next - x||^2 and
 // ||x_next||^2 through the last two arguments. The difference is taken in T, as the reference does;
-// the squares accumulate per SIMD lane in T and across lanes in double.
+// the squares accumulate in T, per SIMD lane and then across lanes. A row's last, partial vector
+// goes through the same SIMD math with masked loads and stores.
 template <class Step, typename T>
 inline void update_row(const T* acc, T* x, const T* const* rows, int64_t d, double* sq_diff, double* sq_norm) {
   using V = Vec<T>;
   V lane_diff(T(0));
   V lane_norm(T(0));
-  int64_t j = 0;
-  for (; j + V::size() <= d; j += V::size()) {
-    const V next = Step::template vec<T>(V::loadu(acc + j), rows, j);
-    const V diff = next - V::loadu(x + j);
+  auto accumulate = [&](const V& next, const V& diff) {
     lane_diff = at::vec::fmadd(diff, diff, lane_diff);
     lane_norm = at::vec::fmadd(next, next, lane_norm);
+  };
+  int64_t j = 0;
+  for (; j + V::size() <= d; j += V::size()) {
+    const V next = Step::template vec<T>(V::loadu(acc + j), rows, j, V::size());
+    accumulate(next, next - V::loadu(x + j));
     next.store(x + j);
   }
-  double sd = sum_lanes(lane_diff);
-  double sn = sum_lanes(lane_norm);
-  for (; j < d; ++j) {  // the row's tail, shorter than one vector: the shared scalar math
-    const T next = Step::template scalar<T>(acc[j], rows, j);
-    const double diff = static_cast<double>(next - x[j]);
-    sd += diff * diff;
-    sn += static_cast<double>(next) * static_cast<double>(next);
-    x[j] = next;
+  if (j < d) {
+    const int64_t count = d - j;
+    // lanes past the row's end hold act(0) (sigmoid: 1/2): zero them before they enter the norms
+    const V next = V::set(V(T(0)), Step::template vec<T>(V::loadu(acc + j, count), rows, j, count), count);
+    accumulate(next, next - V::loadu(x + j, count));
+    next.store(x + j, count);
   }
-  *sq_diff = sd;
-  *sq_norm = sn;
+  *sq_diff = sum_lanes(lane_diff);
+  *sq_norm = sum_lanes(lane_norm);
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 // ||x_next - x|| / (||x_next|| + 1e-5), rounded to the state dtype as the reference computes it.
 template <typename T>
@@ -115,152 +122,280 @@ T relative_residual(double sq_diff, double sq_norm) {
   return static_cast<T>(std::sqrt(sq_diff) / (std::sqrt(sq_norm) + kResidualEps));
 }
 
-// Iterate x <- Step(x @ matrix, inputs) with the stopping rule of solver.h.
-//   x:       (B, d) initial state, contiguous, owned: overwritten (and reordered) in place.
-//   inputs:  (B, d) side inputs, contiguous; reordered in place with x unless batch_stop (then
-//            they may alias the caller's tensors, which are only read).
-//   matrix:  (d, d), W^T (a transposed view: BLAS reads it in place) or W.
+// The largest d solved with the packed register-blocked kernel; BLAS above. Measured on an AMD
+// EPYC (Zen 5, AVX-512) with torch's MKL, which takes its AVX2 path there: the packed kernel is
+// ~2x faster at d <= 512 and ~1.5x at 1024 (float32 and float64); BLAS wins at d = 2048, where M
+// (16 MB) no longer fits in the caches the kernel streams it from. With MKL's AVX-512 path (Intel
+// CPUs) the crossover is probably lower, but at the paper's sizes the per-call re-packing and
+// dispatch of BLAS dominate anyway.
+constexpr int64_t kMaxPackedDim = 1024;
+
+// Threads. A row's step costs about 2 d^2 + 90 d + 2500 flops' worth (the matmul, the fused pass,
+// and the per-row overhead, in units of ~4 ps: the kernel's flop rate on one core). A thread is
+// worth its start-up (~1 us once per solve) and the caches it warms when it gets at least this much
+// per step; under the whole-batch rule, when it pays for a fork/join every step.
+constexpr int64_t kMinThreadWork = 150000;
+constexpr int64_t kMinThreadWorkBatchStop = 250000;
+// Groups of rows per thread under the per-sample rule (see the file comment).
+constexpr int64_t kGroupsPerThread = 4;
+
+// Iterate x <- Step(x @ M, inputs) with the stopping rule of solver.h.
+//   x:       (B, d) initial state, contiguous, owned: updated in place and returned as the result.
+//   inputs:  (B, d) side inputs, contiguous, only read.
+//   weight:  (d, d) contiguous W; M = W^T if `transpose` (forward), else W (adjoint).
 template <typename T, class Step>
-SolveOutputs iterate(
-    at::Tensor x,
-    std::array<at::Tensor, Step::kInputs> inputs,
-    const at::Tensor& matrix,
-    double tol,
-    int64_t max_iter,
-    bool batch_stop) {
-  const int64_t batch = x.size(0);
-  const int64_t d = x.size(1);
-  const auto options = x.options();
-  const T tol_t = static_cast<T>(tol);  // the reference compares r < tol in the residual's dtype
-
-  at::Tensor acc = at::empty({batch, d}, options);
-  at::Tensor iterations = at::zeros({batch}, options.dtype(at::kInt));
-  at::Tensor residual = at::full({batch}, std::numeric_limits<double>::infinity(), options);
-  at::Tensor converged = at::zeros({batch}, options.dtype(at::kBool));
-  // batch_stop keeps every row in place, so x itself ends as the result; otherwise rows are
-  // written here, to their original index, as they finish.
-  at::Tensor result = batch_stop ? x : at::empty_like(x);
-
-  T* x_data = x.data_ptr<T>();
-  const T* acc_data = acc.const_data_ptr<T>();
-  T* result_data = result.data_ptr<T>();
-  int32_t* iterations_data = iterations.data_ptr<int32_t>();
-  T* residual_data = residual.data_ptr<T>();
-  bool* converged_data = converged.data_ptr<bool>();
-  std::array<T*, Step::kInputs> input_data;
-  for (int k = 0; k < Step::kInputs; ++k) {
-    input_data[k] = inputs[k].template data_ptr<T>();
+class Iteration {
+ public:
+  Iteration(at::Tensor x, std::array<at::Tensor, Step::kInputs> inputs, const at::Tensor& weight, bool transpose,
+            double tol, int64_t max_iter, bool batch_stop)
+      : x_(std::move(x)),
+        inputs_(std::move(inputs)),
+        batch_(x_.size(0)),
+        d_(x_.size(1)),
+        tol_(static_cast<T>(tol)),  // the reference compares r < tol in the residual's dtype
+        max_iter_(max_iter),
+        batch_stop_(batch_stop),
+        active_(batch_),
+        sq_diff_(batch_, 0.0),
+        sq_norm_(batch_, 0.0) {
+    const auto options = x_.options();
+    // Every sample's count and flag are written when it finishes; the residual only once a step is
+    // taken (max_iter = 0 leaves inf, as the reference does).
+    iterations_ = at::empty({batch_}, options.dtype(at::kInt));
+    residual_ = at::empty({batch_}, options);
+    converged_ = at::empty({batch_}, options.dtype(at::kBool));
+    x_data_ = x_.template data_ptr<T>();
+    iterations_data_ = iterations_.template data_ptr<int32_t>();
+    residual_data_ = residual_.template data_ptr<T>();
+    converged_data_ = converged_.template data_ptr<bool>();
+    std::fill(residual_data_, residual_data_ + batch_, std::numeric_limits<T>::infinity());
+    std::fill(converged_data_, converged_data_ + batch_, false);
+    for (int k = 0; k < Step::kInputs; ++k) {
+      input_data_[k] = inputs_[k].template const_data_ptr<T>();
+    }
+    std::iota(active_.begin(), active_.end(), int64_t{0});
+    if (d_ <= kMaxPackedDim) {
+      packed_.emplace(weight, transpose);
+    } else {
+      matrix_ = transpose ? weight.t() : weight;  // BLAS reads the transposed view in place
+    }
+    // Threads: as many as give each one at least a full row tile and enough work per step.
+    const int64_t work_per_row = 2 * d_ * d_ + 90 * d_ + 2500;
+    const int64_t min_work = batch_stop_ ? kMinThreadWorkBatchStop : kMinThreadWork;
+    threads_ = std::clamp<int64_t>(std::min(batch_ / kTileRows, batch_ * work_per_row / min_work), 1,
+                                   at::get_num_threads());
+    if (threads_ > 1 && !packed_) {
+      caller_state_.emplace();  // this thread's dispatch state, for the workers' at::mm_out
+    }
+    // Groups of rows: with one thread, one group; under the whole-batch rule, one per thread; else
+    // several per thread, handed out on demand (see run()).
+    int64_t groups = threads_;
+    if (!batch_stop_ && threads_ > 1) {
+      const int64_t tiles = (batch_ + kTileRows - 1) / kTileRows;
+      groups = std::min(tiles, kGroupsPerThread * threads_);
+    }
+    for (int64_t k = 0; k <= groups; ++k) {
+      bounds_.push_back(batch_ * k / groups);
+    }
+    const int64_t max_rows = (batch_ + groups - 1) / groups;
+    for (int64_t k = 0; k < threads_; ++k) {
+      scratch_.push_back(make_scratch(max_rows));
+    }
   }
 
-  // Per packed row: its sample index, and the squared norms of its last step.
-  std::vector<int64_t> origin(batch);
-  std::iota(origin.begin(), origin.end(), int64_t{0});
-  std::vector<double> sq_diff(batch, 0.0);
-  std::vector<double> sq_norm(batch, 0.0);
-  const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
-
-  int64_t active = batch;  // rows [0, active) of x and inputs are the unfinished samples
-
-  // Row blocks of the active rows, one per thread at most; recut when the active count changes.
-  struct Block {
-    at::Tensor x, acc;  // views of rows [begin, end)
-    int64_t begin, end;
-  };
-  std::vector<Block> blocks;
-  const int64_t min_block_rows = std::max<int64_t>(1, kMinBlockFlops / std::max<int64_t>(1, 2 * d * d));
-  auto cut_blocks = [&]() {
-    const int64_t worth = (active + min_block_rows - 1) / min_block_rows;
-    const int64_t count = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), worth));
-    const int64_t rows = (active + count - 1) / count;
-    blocks.clear();
-    for (int64_t begin = 0; begin < active; begin += rows) {
-      const int64_t end = std::min(begin + rows, active);
-      blocks.push_back({x.narrow(0, begin, end - begin), acc.narrow(0, begin, end - begin), begin, end});
-    }
-  };
-  cut_blocks();
-
-  // The worker threads call at::mm_out, a dispatcher op: they must see this thread's dispatch state
-  // (autograd keys already excluded by the caller, grad and inference mode), not their own defaults,
-  // or mm_out would e.g. refuse a weight that requires grad.
-  const at::ThreadLocalState caller_state;
-
-  int64_t steps = 0;
-  bool batch_converged = false;
-  while (steps < max_iter && active > 0) {
-    ++steps;
-    // grain 1: every block is worth a thread (a single block runs inline, without a fork)
-    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t first, int64_t last) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      for (int64_t k = first; k < last; ++k) {
-        Block& block = blocks[k];
-        at::mm_out(block.acc, block.x, matrix);
-        for (int64_t i = block.begin; i < block.end; ++i) {
-          std::array<const T*, Step::kInputs> rows;
-          for (int m = 0; m < Step::kInputs; ++m) {
-            rows[m] = input_data[m] + i * d;
-          }
-          update_row<Step, T>(acc_data + i * d, x_data + i * d, rows.data(), d, &sq_diff[i], &sq_norm[i]);
+  SolveOutputs run() {
+    if (batch_stop_) {
+      run_batch_stop();
+    } else {
+      // Samples are independent: each group of rows is iterated to its end by one thread, with no
+      // synchronisation until the solve is over. Threads take the next group as they become free,
+      // so a thread that starts late (waking up) or a group that converges fast balances out.
+      std::atomic<int64_t> next_group{0};
+      const int64_t groups = static_cast<int64_t>(bounds_.size()) - 1;
+      parallel_threads([&](int64_t thread) {
+        for (int64_t g = next_group++; g < groups; g = next_group++) {
+          run_group(g, scratch_[thread]);
         }
+      });
+    }
+    return {x_, iterations_, residual_, converged_};
+  }
+
+ private:
+  // A thread's working memory: the small-d kernel's output tile, or BLAS's gathered rows and output.
+  struct Scratch {
+    std::vector<T> tile;
+    at::Tensor gathered, acc;
+  };
+
+  Scratch make_scratch(int64_t rows) const {
+    Scratch s;
+    if (packed_) {
+      s.tile.resize(kTileRows * packed_->ld);
+    } else {
+      s.gathered = at::empty({rows, d_}, x_.options());
+      s.acc = at::empty({rows, d_}, x_.options());
+    }
+    return s;
+  }
+
+  // f(thread) for thread in [0, threads_), each on its own thread (inline when there is one).
+  template <class F>
+  void parallel_threads(const F& f) {
+    if (threads_ == 1) {
+      f(0);
+      return;
+    }
+    at::parallel_for(0, threads_, 1, [&](int64_t first, int64_t last) {
+      // The BLAS path calls at::mm_out, a dispatcher op: the workers must see this thread's dispatch
+      // state (autograd keys already excluded by the caller, grad and inference mode), not their
+      // own defaults, or mm_out would e.g. refuse a weight that requires grad.
+      std::optional<at::ThreadLocalStateGuard> state_guard;
+      if (caller_state_) {
+        state_guard.emplace(*caller_state_);
+      }
+      for (int64_t thread = first; thread < last; ++thread) {
+        f(thread);
       }
     });
+  }
 
-    if (batch_stop) {  // the whole-batch ratio (Frobenius norms): all rows go on or stop together
-      const double total_diff = std::accumulate(sq_diff.begin(), sq_diff.end(), 0.0);
-      const double total_norm = std::accumulate(sq_norm.begin(), sq_norm.end(), 0.0);
-      if (relative_residual<T>(total_diff, total_norm) < tol_t) {  // NaN compares false
-        batch_converged = true;
+  // One map application to the samples rows[0:count): x[b] <- Step(x[b] @ M, inputs[b]) in place,
+  // and each one's ||x_next - x||^2 and ||x_next||^2.
+  void step(const int64_t* rows, int64_t count, Scratch& scratch) {
+    if (packed_) {
+      const PackedMatrix<T>& m = *packed_;
+      for (int64_t i = 0; i < count; i += kTileRows) {
+        const int64_t n = std::min<int64_t>(kTileRows, count - i);
+        std::array<const T*, kTileRows> a;
+        for (int64_t r = 0; r < n; ++r) {
+          a[r] = x_data_ + rows[i + r] * d_;
+        }
+        gemm_rows(a.data(), n, m, scratch.tile.data());  // the tile's rows are read before any is written
+        for (int64_t r = 0; r < n; ++r) {
+          update(rows[i + r], scratch.tile.data() + r * m.ld);
+        }
+      }
+      return;
+    }
+    // BLAS: one matmul on the rows, gathered unless they are consecutive (the list is increasing,
+    // so they are until a sample of the group converges). The copy is O(count d), the matmul
+    // O(count d^2).
+    at::Tensor a;
+    if (rows[count - 1] - rows[0] == count - 1) {
+      a = x_.narrow(0, rows[0], count);
+    } else {
+      T* gathered = scratch.gathered.template data_ptr<T>();
+      for (int64_t i = 0; i < count; ++i) {
+        std::memcpy(gathered + i * d_, x_data_ + rows[i] * d_, static_cast<size_t>(d_) * sizeof(T));
+      }
+      a = scratch.gathered.narrow(0, 0, count);
+    }
+    at::Tensor acc = scratch.acc.narrow(0, 0, count);
+    at::mm_out(acc, a, matrix_);
+    const T* acc_data = acc.template const_data_ptr<T>();
+    for (int64_t i = 0; i < count; ++i) {
+      update(rows[i], acc_data + i * d_);
+    }
+  }
+
+  void update(int64_t b, const T* acc) {
+    std::array<const T*, Step::kInputs> in;
+    for (int k = 0; k < Step::kInputs; ++k) {
+      in[k] = input_data_[k] + b * d_;
+    }
+    update_row<Step, T>(acc, x_data_ + b * d_, in.data(), d_, &sq_diff_[b], &sq_norm_[b]);
+  }
+
+  // The per-sample rule on the block's samples: each one that meets it leaves the block's active list
+  // (its state stays where it is, in the result), so the matmul shrinks with the active set.
+  void run_group(int64_t group, Scratch& scratch) {
+    int64_t* rows = active_.data() + bounds_[group];
+    int64_t count = bounds_[group + 1] - bounds_[group];
+    int64_t steps = 0;
+    while (steps < max_iter_ && count > 0) {
+      ++steps;
+      step(rows, count, scratch);
+      int64_t kept = 0;  // the list stays in increasing order: rows are read in memory order
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t b = rows[i];
+        const T r = relative_residual<T>(sq_diff_[b], sq_norm_[b]);
+        if (r < tol_) {  // a NaN residual never counts as converged
+          residual_data_[b] = r;
+          iterations_data_[b] = static_cast<int32_t>(steps);
+          converged_data_[b] = true;
+        } else {
+          rows[kept++] = b;
+        }
+      }
+      count = kept;
+    }
+    // Samples still active ran all `steps` iterations; their residual is that of their last step.
+    for (int64_t i = 0; i < count; ++i) {
+      finish(rows[i], steps);
+    }
+  }
+
+  void finish(int64_t b, int64_t steps) {
+    iterations_data_[b] = static_cast<int32_t>(steps);
+    if (steps > 0) {
+      residual_data_[b] = relative_residual<T>(sq_diff_[b], sq_norm_[b]);
+    }
+  }
+
+  // The whole-batch rule: every step needs the ratio over all rows, so the blocks join every step.
+  void run_batch_stop() {
+    int64_t steps = 0;
+    bool converged = false;
+    while (steps < max_iter_) {
+      ++steps;
+      parallel_threads([&](int64_t block) {  // one group per thread
+        step(active_.data() + bounds_[block], bounds_[block + 1] - bounds_[block], scratch_[block]);
+      });
+      const double total_diff = std::accumulate(sq_diff_.begin(), sq_diff_.end(), 0.0);
+      const double total_norm = std::accumulate(sq_norm_.begin(), sq_norm_.end(), 0.0);
+      if (relative_residual<T>(total_diff, total_norm) < tol_) {  // NaN compares false
+        converged = true;
         break;
       }
-      continue;
     }
-
-    // Per sample: retire the rows that met the rule; the last active row takes each one's slot.
-    const int64_t active_before = active;
-    int64_t i = 0;
-    while (i < active) {
-      const T r = relative_residual<T>(sq_diff[i], sq_norm[i]);
-      if (!(r < tol_t)) {  // a NaN residual never counts as converged
-        ++i;
-        continue;
-      }
-      const int64_t b = origin[i];
-      residual_data[b] = r;
-      iterations_data[b] = static_cast<int32_t>(steps);
-      converged_data[b] = true;
-      std::memcpy(result_data + b * d, x_data + i * d, row_bytes);
-      --active;
-      if (i != active) {  // move the last active row here; it is examined next, at index i
-        std::memcpy(x_data + i * d, x_data + active * d, row_bytes);
-        for (int k = 0; k < Step::kInputs; ++k) {
-          std::memcpy(input_data[k] + i * d, input_data[k] + active * d, row_bytes);
-        }
-        origin[i] = origin[active];
-        sq_diff[i] = sq_diff[active];
-        sq_norm[i] = sq_norm[active];
-      }
+    for (int64_t b = 0; b < batch_; ++b) {
+      finish(b, steps);
     }
-    if (active != active_before && active > 0) {
-      cut_blocks();
+    if (converged) {
+      std::fill(converged_data_, converged_data_ + batch_, true);
     }
   }
 
-  // Rows still active ran all `steps` iterations (all rows, under batch_stop); their residual is
-  // that of their last step. Under the per-sample rule their state still has to go home.
-  for (int64_t i = 0; i < active; ++i) {
-    const int64_t b = origin[i];
-    iterations_data[b] = static_cast<int32_t>(steps);
-    if (steps > 0) {
-      residual_data[b] = relative_residual<T>(sq_diff[i], sq_norm[i]);
-    }
-    if (!batch_stop) {
-      std::memcpy(result_data + b * d, x_data + i * d, row_bytes);
-    }
-  }
-  if (batch_converged) {
-    converged.fill_(true);
-  }
-  return {result, iterations, residual, converged};
+  at::Tensor x_;
+  std::array<at::Tensor, Step::kInputs> inputs_;
+  const int64_t batch_, d_;
+  const T tol_;
+  const int64_t max_iter_;
+  const bool batch_stop_;
+
+  std::optional<PackedMatrix<T>> packed_;  // the small-d kernel's M, or
+  at::Tensor matrix_;                      // BLAS's
+  std::optional<at::ThreadLocalState> caller_state_;  // for the BLAS path's worker threads
+
+  at::Tensor iterations_, residual_, converged_;
+  T* x_data_;
+  int32_t* iterations_data_;
+  T* residual_data_;
+  bool* converged_data_;
+  std::array<const T*, Step::kInputs> input_data_;
+
+  std::vector<int64_t> active_;           // the unfinished samples, block by block
+  std::vector<double> sq_diff_, sq_norm_;  // per sample, of its last step
+  int64_t threads_;
+  std::vector<int64_t> bounds_;           // group k owns active_[bounds_[k], bounds_[k + 1])
+  std::vector<Scratch> scratch_;          // one per thread
+};
+
+template <typename T, class Step>
+SolveOutputs iterate(at::Tensor x, std::array<at::Tensor, Step::kInputs> inputs, const at::Tensor& weight,
+                     bool transpose, double tol, int64_t max_iter, bool batch_stop) {
+  return Iteration<T, Step>(std::move(x), std::move(inputs), weight, transpose, tol, max_iter, batch_stop).run();
 }
 
 at::ScalarType compute_dtype(at::ScalarType dtype) {
@@ -297,23 +432,19 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
       "); got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
 }
 
-// A contiguous copy in the compute dtype that the solver may reorder (needed unless batch_stop).
-at::Tensor working_copy(const at::Tensor& t, at::ScalarType dtype, bool batch_stop) {
-  at::Tensor c = t.to(dtype).contiguous();
-  if (!batch_stop && c.is_alias_of(t)) {
-    c = c.clone();
-  }
-  return c;
+// The inputs in the compute dtype, contiguous: the solver only reads them.
+at::Tensor as_input(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
 }
 
 template <typename T>
-SolveOutputs forward_dispatch(int64_t activation, at::Tensor x, at::Tensor u, const at::Tensor& w_t, double tol,
+SolveOutputs forward_dispatch(int64_t activation, at::Tensor x, at::Tensor u, const at::Tensor& w, double tol,
                               int64_t max_iter, bool batch_stop) {
   switch (activation) {
-    case TANH: return iterate<T, ForwardStep<TANH>>(x, {u}, w_t, tol, max_iter, batch_stop);
-    case SOFTSIGN: return iterate<T, ForwardStep<SOFTSIGN>>(x, {u}, w_t, tol, max_iter, batch_stop);
-    case RELU6: return iterate<T, ForwardStep<RELU6>>(x, {u}, w_t, tol, max_iter, batch_stop);
-    default: return iterate<T, ForwardStep<SIGMOID>>(x, {u}, w_t, tol, max_iter, batch_stop);
+    case TANH: return iterate<T, ForwardStep<TANH>>(x, {u}, w, true, tol, max_iter, batch_stop);
+    case SOFTSIGN: return iterate<T, ForwardStep<SOFTSIGN>>(x, {u}, w, true, tol, max_iter, batch_stop);
+    case RELU6: return iterate<T, ForwardStep<RELU6>>(x, {u}, w, true, tol, max_iter, batch_stop);
+    default: return iterate<T, ForwardStep<SIGMOID>>(x, {u}, w, true, tol, max_iter, batch_stop);
   }
 }
 
@@ -342,18 +473,13 @@ SolveOutputs forward_solve(
     check_like(op, "z0", *z0, u, "u");
   }
   const auto dtype = compute_dtype(u.scalar_type());
-  at::Tensor u_c = working_copy(u, dtype, batch_stop);
-  // z @ W^T: a transposed view of a contiguous W, which BLAS reads without a copy.
-  at::Tensor w_t = weight.to(dtype).contiguous().t();
-  at::Tensor x = at::empty_like(u_c);  // the state is always our own buffer: it is overwritten
-  if (z0.has_value()) {
-    x.copy_(*z0);
-  } else {
-    x.zero_();
-  }
+  at::Tensor u_c = as_input(u, dtype);
+  at::Tensor w = weight.to(dtype).contiguous();  // z @ W^T
+  // The state is always our own buffer: it is overwritten, and returned.
+  at::Tensor x = z0.has_value() ? z0->to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::zeros_like(u_c);
   SolveOutputs out = dtype == at::kDouble
-      ? forward_dispatch<double>(activation, x, u_c, w_t, tol, max_iter, batch_stop)
-      : forward_dispatch<float>(activation, x, u_c, w_t, tol, max_iter, batch_stop);
+      ? forward_dispatch<double>(activation, x, u_c, w, tol, max_iter, batch_stop)
+      : forward_dispatch<float>(activation, x, u_c, w, tol, max_iter, batch_stop);
   return cast_state(std::move(out), u.scalar_type());
 }
 
@@ -369,13 +495,13 @@ SolveOutputs adjoint_solve(
   check_options(op, tol, max_iter);
   check_like(op, "D", D, v, "v");
   const auto dtype = compute_dtype(v.scalar_type());
-  at::Tensor v_c = working_copy(v, dtype, batch_stop);
-  at::Tensor d_c = working_copy(D, dtype, batch_stop);
+  at::Tensor v_c = as_input(v, dtype);
+  at::Tensor d_c = as_input(D, dtype);
   at::Tensor w = weight.to(dtype).contiguous();  // h @ W
   at::Tensor x = at::mul(d_c, v_c);               // h_0 = D * v, a fresh buffer
   SolveOutputs out = dtype == at::kDouble
-      ? iterate<double, AdjointStep>(x, {v_c, d_c}, w, tol, max_iter, batch_stop)
-      : iterate<float, AdjointStep>(x, {v_c, d_c}, w, tol, max_iter, batch_stop);
+      ? iterate<double, AdjointStep>(x, {v_c, d_c}, w, false, tol, max_iter, batch_stop)
+      : iterate<float, AdjointStep>(x, {v_c, d_c}, w, false, tol, max_iter, batch_stop);
   return cast_state(std::move(out), v.scalar_type());
 }
 
