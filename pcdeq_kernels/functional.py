@@ -137,6 +137,10 @@ class _FixedPoint(torch.autograd.Function):
     def backward(ctx, grad_z, *_):
         u, weight, z = ctx.saved_tensors
         cfg = ctx.config
+        if z.dim() == 4:
+            # Convolutions run about twice as fast on channels-last tensors on CPU (oneDNN) and GPU
+            # (cuDNN), and the compiled solvers iterate in that layout: convert once, here.
+            u, z, grad_z = (t.contiguous(memory_format=torch.channels_last) for t in (u, z, grad_z))
         D = reference.activation_derivative_at(z, u, weight, cfg["activation"])
         v = grad_z.to(D.dtype)
         if cfg["backward"] == "jfb":

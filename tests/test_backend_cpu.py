@@ -1,16 +1,8 @@
 """The compiled C++ CPU backend (pcdeq_kernels._C, backend="cpu") against the reference solver.
 
 Skipped as a whole only when the extension is not built (CI builds it: `pip install
---no-build-isolation -e .`). Tolerances, each with its reason:
-
-- float64 solves use tol 1e-9: iterates then agree to BLAS summation-order rounding (1e-12 relative),
-  and iteration counts are equal unless a residual sits within 1e-6 relative of tol (then a rounding
-  difference may decide the step: off by one is allowed there, and only there).
-- float32 solves use tol 1e-4 (the default). The residual r = ||x_next - x|| / ||x_next|| moves by a
-  few eps (absolute) when the iterates move by an ulp, i.e. by ~5e-3 relative at r ~ tol = 1e-4: off
-  by one is allowed where r is within 1e-2 relative of tol; iterates agree to 1e-5 (a few ulps
-  amplified by 1/(1-c)).
-- Residuals agree to 1e-3 relative plus 16 eps absolute, for the same reason.
+--no-build-isolation -e .`). The tolerances and their reasons are with check_against_reference in
+tests/problems.py: this backend differs from the reference only in summation order.
 """
 
 import math
@@ -28,65 +20,22 @@ from pcdeq_kernels import backends, reference
 from pcdeq_kernels.activations import ACTIVATIONS, get_activation
 from pcdeq_kernels.backends import cpu
 
-from problems import ALL_ACTIVATIONS, make_problem
+from problems import (
+    ALL_ACTIVATIONS,
+    TOL,
+    adjoint_map,
+    adjoint_problem,
+    check_against_reference,
+    forward_map,
+    make_problem,
+    unrolled_fixed_point,
+)
 
 if not cpu.is_available():
     pytest.skip(f"the C++ CPU backend is not built: {cpu.unavailable_reason()}", allow_module_level=True)
 
 HEADER = Path(__file__).parents[1] / "csrc" / "include" / "pcdeq" / "activations.h"
 SHAPES = [(b, d) for b in (1, 7, 33) for d in (1, 5, 80, 131)]
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-NEAR_TOL = {torch.float64: 1e-6, torch.float32: 1e-2}  # relative band around tol (module docstring)
-STATE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-def _step_residuals(step_fn, x0, steps, stop):
-    """The reference's residual after exactly `steps` applications of the map, with no early exit:
-    per sample (stop="sample") or the whole-batch ratio broadcast to every sample ("batch")."""
-    x = x0
-    for _ in range(steps - 1):
-        x = step_fn(x)
-    x_next = step_fn(x)
-    if stop == "batch":
-        return reference.batch_relative_residual(x_next, x).expand(x0.shape[0])
-    return reference.relative_residual(x_next, x)
-
-
-def _check_against_reference(got, want, step_fn, x0, tol, stop, dtype):
-    """Counts equal except off by one at a residual near tol; states, residuals, flags agree."""
-    x, its, res, conv = got
-    x_ref, its_ref, res_ref, conv_ref = want
-    assert x.dtype == x_ref.dtype and its.dtype == torch.int32 and conv.dtype == torch.bool
-    assert res.dtype == res_ref.dtype
-    differ = its != its_ref
-    if differ.any():
-        assert ((its - its_ref).abs() <= 1).all(), (its, its_ref)
-        # at the earlier of the two counts one side stopped and the other did not: r must sit at tol
-        for b in differ.nonzero().flatten().tolist():
-            k = int(min(its[b], its_ref[b]))
-            r = _step_residuals(step_fn, x0, k, stop)[b].item()
-            assert abs(r - tol) <= NEAR_TOL[dtype] * tol, (b, k, r, tol)
-    same = ~differ
-    torch.testing.assert_close(x[same], x_ref[same], rtol=STATE_RTOL[dtype], atol=STATE_RTOL[dtype])
-    torch.testing.assert_close(x[differ], x_ref[differ], rtol=10 * tol, atol=10 * tol)  # one step apart
-    # r = ||x_next - x|| / ||x_next||: rounding every entry of the iterates by an ulp moves r by a few
-    # eps in absolute terms, whatever r is
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(res[same], res_ref[same], rtol=1e-3, atol=16 * eps)
-    assert torch.equal(conv, conv_ref)
-
-
-def _forward_step(u, w, activation):
-    act = get_activation(activation).fn
-    return lambda z: act(reference.linear_map(z, w) + u)
-
-
-def _adjoint_problem(batch, dim, activation, dtype, seed=0):
-    u, w = make_problem(batch, dim, activation, dtype=torch.float64, seed=seed)
-    z, *_ = reference.forward_solve(u, w, activation, tol=1e-13, max_iter=2000)
-    D = reference.activation_derivative_at(z, u, w, activation)
-    v = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    return v.to(dtype), w.to(dtype), D.to(dtype)
 
 
 @pytest.fixture
@@ -196,7 +145,7 @@ def test_forward_solve_matches_reference(activation, dtype, stop):
         u, w = make_problem(batch, dim, activation, dtype=dtype, seed=seed, weight_scale=0.8)
         got = cpu.forward_solve(u, w, None, activation, tol, 500, stop)
         want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
-        _check_against_reference(got, want, _forward_step(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        check_against_reference(got, want, forward_map(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
         assert got[3].all()
 
 
@@ -206,10 +155,10 @@ def test_forward_solve_matches_reference(activation, dtype, stop):
 def test_adjoint_solve_matches_reference(activation, dtype, stop):
     tol = TOL[dtype]
     for seed, (batch, dim) in enumerate(SHAPES):
-        v, w, D = _adjoint_problem(batch, dim, activation, dtype, seed=seed)
+        v, w, D = adjoint_problem(batch, dim, activation, dtype, seed=seed)
         got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
         want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-        _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
+        check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
 
 
 @pytest.mark.parametrize("batch,dim", [(257, 131), (12, 1100)])  # the packed kernel; BLAS
@@ -224,8 +173,8 @@ def test_ragged_convergence_and_thread_blocks(stop, batch, dim, two_threads):
     want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
     if stop == "sample":
         assert want[1].unique().numel() > 5  # the point of the test
-    step = _forward_step(u, w, "softsign")
-    _check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
+    step = forward_map(u, w, "softsign")
+    check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
 
 
 # Both matmul paths of csrc/cpu/solver.cpp: the register-blocked kernel (d <= kMaxPackedDim = 1024;
@@ -248,11 +197,11 @@ def test_matmul_paths_and_threads_match_reference(batch, dim, stop, threads):
             u, w = make_problem(batch, dim, "tanh", dtype=dtype, seed=dim, weight_scale=0.8)
             got = cpu.forward_solve(u, w, None, "tanh", tol, 500, stop)
             want = reference.forward_solve(u, w, "tanh", tol=tol, max_iter=500, stop=stop)
-            _check_against_reference(got, want, _forward_step(u, w, "tanh"), torch.zeros_like(u), tol, stop, dtype)
-            v, w, D = _adjoint_problem(batch, dim, "tanh", dtype, seed=dim)
+            check_against_reference(got, want, forward_map(u, w, "tanh"), torch.zeros_like(u), tol, stop, dtype)
+            v, w, D = adjoint_problem(batch, dim, "tanh", dtype, seed=dim)
             got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
             want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-            _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
+            check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
     finally:
         torch.set_num_threads(before)
 
@@ -284,10 +233,10 @@ def test_z0_is_the_starting_point(stop):
     z0 = torch.rand_like(u) * 3
     got = cpu.forward_solve(u, w, z0, "relu6", 1e-9, 500, stop)
     want = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=500, stop=stop, z0=z0)
-    _check_against_reference(got, want, _forward_step(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
+    check_against_reference(got, want, forward_map(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
     # one step from z0 is one map application: z0 really is where the iteration starts
     one = cpu.forward_solve(u, w, z0, "relu6", 1e-9, 1, stop)[0]
-    torch.testing.assert_close(one, _forward_step(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(one, forward_map(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -299,7 +248,7 @@ def test_half_precision_is_solved_in_float32(dtype):
     assert z.dtype == dtype and res.dtype == torch.float32 and conv.all()
     # both solve in float32 (1e-5 apart); rounding that to the half dtype can flip one half-ulp
     torch.testing.assert_close(z, z_ref, rtol=torch.finfo(dtype).eps, atol=0)
-    v, w64, D = _adjoint_problem(7, 33, "tanh", torch.float64)
+    v, w64, D = adjoint_problem(7, 33, "tanh", torch.float64)
     h, *_ = cpu.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), 1e-4, 200, "sample")
     h_ref, *_ = reference.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), tol=1e-4, max_iter=200)
     assert h.dtype == dtype
@@ -350,15 +299,14 @@ def test_bad_inputs_raise_clear_errors():
 # --- through fixed_point: dispatch, gradients, custom-op checks ---------------------------------
 
 
-def test_auto_picks_cpu_for_dense_cpu_problems_only():
+def test_auto_picks_cpu_for_cpu_problems():
     u, w = make_problem(3, 4, "tanh")
     assert pk.available_backends()["cpu"]
     assert backends.resolve("auto", "cpu", "dense") == "cpu"
+    assert backends.resolve("auto", "cpu", "conv") == "cpu"
     assert pk.fixed_point(u, w)[1].backend == "cpu"
     uc, wc = make_problem(2, 3, "tanh", conv_hw=(4, 4))
-    assert pk.fixed_point(uc, wc)[1].backend == "reference"  # conv: the cpu backend is dense only
-    with pytest.raises(ValueError, match="does not support conv problems"):
-        pk.fixed_point(uc, wc, backend="cpu")
+    assert pk.fixed_point(uc, wc)[1].backend == "cpu"
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])
@@ -419,6 +367,132 @@ def test_opcheck_both_ops(dtype):
     for z_init in (None, z0):
         for batch_stop in (False, True):
             torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (u, w, z_init, 0, 1e-6, 100, batch_stop))
-    v, w, D = _adjoint_problem(3, 5, "tanh", dtype)
+    v, w, D = adjoint_problem(3, 5, "tanh", dtype)
     for batch_stop in (False, True):
         torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, batch_stop))
+
+
+# --- convolutional problems (csrc/cpu/conv_solver.cpp) ------------------------------------------
+# Ragged spatial sizes and channel counts; (2, 3, 1x1) has no neighbours inside the image, (5, 9, 4x13)
+# is wider than tall. The loop's convolution is torch's (oneDNN for float32, whose summation order
+# differs from the reference's NCHW call: the same rounding-level tolerances as the dense tests).
+CONV_SHAPES = [(3, 5, (7, 6)), (4, 17, (9, 11)), (2, 3, (1, 1)), (5, 9, (4, 13))]
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_conv_forward_and_adjoint_match_reference(activation, dtype, stop):
+    tol = TOL[dtype]
+    for seed, (batch, channels, hw) in enumerate(CONV_SHAPES):
+        u, w = make_problem(batch, channels, activation, dtype=dtype, seed=seed, weight_scale=0.8, conv_hw=hw)
+        got = cpu.forward_solve(u, w, None, activation, tol, 500, stop)
+        want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
+        check_against_reference(got, want, forward_map(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        assert got[3].all()
+        v, w, D = adjoint_problem(batch, channels, activation, dtype, seed=seed, conv_hw=hw)
+        got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
+        want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
+        check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_conv_per_image_early_exit(stop, threads):
+    # images with injections spread over four decades converge at very different steps, so the
+    # working set is compacted many times (first out of the result, then in place); with few images
+    # and 2 threads the fused pass also cuts images into runs
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, channels, hw in ((19, 6, (10, 9)), (1, 40, (30, 31))):
+            u, w = make_problem(batch, channels, "softsign", weight_scale=0.95, conv_hw=hw)
+            u = u * torch.logspace(-3, 1, batch, dtype=torch.float64)[:, None, None, None]
+            got = cpu.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
+            want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
+            if stop == "sample" and batch > 1:
+                assert want[1].unique().numel() > 5  # the point of the test
+            step = forward_map(u, w, "softsign")
+            check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_conv_layouts_z0_half_precision_and_max_iter():
+    u, w = make_problem(4, 6, "tanh", conv_hw=(5, 7), weight_scale=0.8)
+    want = cpu.forward_solve(u, w, None, "tanh", 1e-9, 500, "sample")
+    # a channels-last input gives the same answer and gets a channels-last state back (as empty_like)
+    u_cl = u.contiguous(memory_format=torch.channels_last)
+    got = cpu.forward_solve(u_cl, w, None, "tanh", 1e-9, 500, "sample")
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and want[0].is_contiguous()
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
+    assert torch.equal(u_cl, u)  # the input is only read
+    # z0 is the starting point: one step from it is one map application
+    z0 = torch.rand_like(u) * 3
+    one = cpu.forward_solve(u, w, z0, "tanh", 1e-9, 1, "sample")[0]
+    torch.testing.assert_close(one, forward_map(u, w, "tanh")(z0), rtol=1e-14, atol=1e-14)
+    # the cap: no convergence after 3 steps at tol 1e-30, as the reference
+    z, its, res, conv = cpu.forward_solve(u, w, None, "tanh", 1e-30, 3, "sample")
+    z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "tanh", tol=1e-30, max_iter=3)
+    assert (its == 3).all() and not conv.any() and torch.equal(conv, conv_ref)
+    torch.testing.assert_close(z, z_ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(res, res_ref, rtol=1e-8, atol=0)
+    # half precision is solved in float32 (as the reference)
+    for dtype in (torch.float16, torch.bfloat16):
+        z, its, res, conv = cpu.forward_solve(u.to(dtype), w.to(dtype), None, "tanh", 1e-4, 200, "sample")
+        z_ref, *_ = reference.forward_solve(u.to(dtype), w.to(dtype), "tanh", tol=1e-4, max_iter=200)
+        assert z.dtype == dtype and res.dtype == torch.float32 and conv.all()
+        torch.testing.assert_close(z, z_ref, rtol=torch.finfo(dtype).eps, atol=0)
+
+
+def test_conv_bad_inputs_raise_clear_errors():
+    u, w = make_problem(2, 3, "tanh", conv_hw=(4, 4))
+    op = torch.ops.pcdeq_C.forward_solve
+    with pytest.raises(RuntimeError, match=r"convolutional pcDEQ needs u of shape \(B, C, H, W\) and weight \(C, C, 3, 3\)"):
+        op(u, torch.rand(3, 3, 5, 5, dtype=torch.float64), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs u of shape"):
+        op(u, torch.rand(4, 4, 3, 3, dtype=torch.float64), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs v of shape"):
+        torch.ops.pcdeq_C.adjoint_solve(u[:, :, 0], w, u[:, :, 0], 1e-4, 10, False)
+
+
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_conv_gradcheck_float64(activation):
+    # u away from relu6's kinks as in test_gradcheck_float64; 5 channels on a ragged 3x4 image
+    u, w = make_problem(2, 5, activation, weight_scale=0.3, u_offset=1.0, u_scale=0.3, conv_hw=(3, 4))
+    u.requires_grad_()
+    w.requires_grad_()
+
+    def f(u, w):
+        return pk.fixed_point(u, w, activation, tol=1e-14, max_iter=5000, backend="cpu")[0]
+
+    assert torch.autograd.gradcheck(f, (u, w), eps=1e-7, atol=1e-7, rtol=1e-6)
+
+
+def test_conv_gradients_match_unrolled_autograd():
+    # against float64 autograd through the unrolled iteration (the ground truth), channels-last input
+    u, w = make_problem(3, 7, "tanh", weight_scale=0.6, conv_hw=(6, 5))
+    u = u.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    grads = {}
+    for name in ("cpu", "unrolled"):
+        uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
+        if name == "cpu":
+            z, stats = pk.fixed_point(uu, ww, "tanh", tol=1e-13, max_iter=5000, backend="cpu")
+        else:
+            z = unrolled_fixed_point(uu, ww, "tanh", 200)
+        grads[name] = torch.autograd.grad((z * weights).sum(), (uu, ww))
+    assert stats.backend == "cpu" and (stats.backward_iterations > 0).all()
+    for got, want in zip(grads["cpu"], grads["unrolled"]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_conv_opcheck_both_ops(dtype):
+    u, w = make_problem(2, 3, "tanh", dtype=dtype, conv_hw=(4, 5))
+    for x in (u, u.contiguous(memory_format=torch.channels_last)):
+        for batch_stop in (False, True):
+            torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (x, w, None, 0, 1e-6, 100, batch_stop))
+    v, w, D = adjoint_problem(2, 3, "tanh", dtype, conv_hw=(4, 5))
+    torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, False))

@@ -42,85 +42,12 @@
 
 #include <pcdeq/activations.h>
 
+#include "conv_solver.h"
+#include "row_update.h"
 #include "small_gemm.h"
-#include "vec_activations.h"
 
 namespace pcdeq::cpu {
 namespace {
-
-// The official code's denominator guard (pcdeq_kernels.reference.RESIDUAL_EPS).
-constexpr double kResidualEps = 1e-5;
-
-// The two maps as epilogues of the matmul, on `count` entries from column j (count < the vector
-// width only at a row's end: the loads then fill the other lanes with 0). `rows` holds the row's
-// side inputs.
-template <int ACT>
-struct ForwardStep {  // x_next = act(acc + u)
-  static constexpr int kInputs = 1;  // u
-  template <typename T>
-  static Vec<T> vec(const Vec<T>& acc, const T* const* rows, int64_t j, int64_t count) {
-    return activation_vec<ACT, T>(acc + Vec<T>::loadu(rows[0] + j, count));
-  }
-};
-
-struct AdjointStep {  // x_next = D * (acc + v)
-  static constexpr int kInputs = 2;  // v, D
-  template <typename T>
-  static Vec<T> vec(const Vec<T>& acc, const T* const* rows, int64_t j, int64_t count) {
-    return Vec<T>::loadu(rows[1] + j, count) * (acc + Vec<T>::loadu(rows[0] + j, count));
-  }
-};
-
-// The sum of a vector's lanes (by shuffles on AVX2/AVX-512 float: ATen's reduction). GCC 12 warns
-// about an uninitialised operand inside the AVX-512 shuffle intrinsic ATen uses: a false positive
-// (the intrinsic's unused masked-off source), silenced here.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-template <typename T>
-double sum_lanes(const Vec<T>& v) {
-  return at::vec::vec_reduce_all<T>([](const Vec<T>& a, const Vec<T>& b) { return a + b; }, v);
-}
-
-// The fused pass on one row of length d: x <- Step(acc, rows); returns ||x_next - x||^2 and
-// ||x_next||^2 through the last two arguments. The difference is taken in T, as the reference does;
-// the squares accumulate in T, per SIMD lane and then across lanes. A row's last, partial vector
-// goes through the same SIMD math with masked loads and stores.
-template <class Step, typename T>
-inline void update_row(const T* acc, T* x, const T* const* rows, int64_t d, double* sq_diff, double* sq_norm) {
-  using V = Vec<T>;
-  V lane_diff(T(0));
-  V lane_norm(T(0));
-  auto accumulate = [&](const V& next, const V& diff) {
-    lane_diff = at::vec::fmadd(diff, diff, lane_diff);
-    lane_norm = at::vec::fmadd(next, next, lane_norm);
-  };
-  int64_t j = 0;
-  for (; j + V::size() <= d; j += V::size()) {
-    const V next = Step::template vec<T>(V::loadu(acc + j), rows, j, V::size());
-    accumulate(next, next - V::loadu(x + j));
-    next.store(x + j);
-  }
-  if (j < d) {
-    const int64_t count = d - j;
-    // lanes past the row's end hold act(0) (sigmoid: 1/2): zero them before they enter the norms
-    const V next = V::set(V(T(0)), Step::template vec<T>(V::loadu(acc + j, count), rows, j, count), count);
-    accumulate(next, next - V::loadu(x + j, count));
-    next.store(x + j, count);
-  }
-  *sq_diff = sum_lanes(lane_diff);
-  *sq_norm = sum_lanes(lane_norm);
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-
-// ||x_next - x|| / (||x_next|| + 1e-5), rounded to the state dtype as the reference computes it.
-template <typename T>
-T relative_residual(double sq_diff, double sq_norm) {
-  return static_cast<T>(std::sqrt(sq_diff) / (std::sqrt(sq_norm) + kResidualEps));
-}
 
 // The largest d solved with the packed register-blocked kernel; BLAS above. Measured on an AMD
 // EPYC (Zen 5, AVX-512) with torch's MKL, which takes its AVX2 path there: the packed kernel is
@@ -402,7 +329,8 @@ at::ScalarType compute_dtype(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_dense(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
+// Device, dtype and shape: dense (x (B, d), weight (d, d)) or conv (x (B, C, H, W), weight (C, C, 3, 3)).
+void check_problem(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(
       x.device().is_cpu() && weight.device().is_cpu(),
       op, ": the cpu backend needs CPU tensors; got ", name, " on ", x.device(), " and weight on ",
@@ -414,6 +342,14 @@ void check_dense(const char* op, const char* name, const at::Tensor& x, const at
   TORCH_CHECK(
       weight.scalar_type() == dtype,
       op, ": ", name, " is ", dtype, " but weight is ", weight.scalar_type(), "; cast them to one dtype");
+  if (weight.dim() == 4) {
+    TORCH_CHECK(
+        x.dim() == 4 && weight.size(0) == weight.size(1) && weight.size(2) == 3 && weight.size(3) == 3 &&
+            x.size(1) == weight.size(0),
+        op, ": convolutional pcDEQ needs ", name, " of shape (B, C, H, W) and weight (C, C, 3, 3); got ", name, " ",
+        x.sizes(), ", weight ", weight.sizes());
+    return;
+  }
   TORCH_CHECK(
       x.dim() == 2 && weight.dim() == 2 && weight.size(0) == weight.size(1) && x.size(1) == weight.size(0),
       op, ": dense pcDEQ needs ", name, " of shape (B, d) and weight (d, d); got ", name, " ", x.sizes(),
@@ -432,24 +368,25 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
       "); got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
 }
 
-// The inputs in the compute dtype, contiguous: the solver only reads them.
+// The loops' memory layout: row-major for dense, channels-last for conv (conv_solver.cpp says why).
+at::MemoryFormat solver_layout(const at::Tensor& x) {
+  return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// An input in the compute dtype and the solver's layout: the loops only read it.
 at::Tensor as_input(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype).contiguous();
+  return t.to(dtype).contiguous(solver_layout(t));
 }
 
-template <typename T>
-SolveOutputs forward_dispatch(int64_t activation, at::Tensor x, at::Tensor u, const at::Tensor& w, double tol,
-                              int64_t max_iter, bool batch_stop) {
-  switch (activation) {
-    case TANH: return iterate<T, ForwardStep<TANH>>(x, {u}, w, true, tol, max_iter, batch_stop);
-    case SOFTSIGN: return iterate<T, ForwardStep<SOFTSIGN>>(x, {u}, w, true, tol, max_iter, batch_stop);
-    case RELU6: return iterate<T, ForwardStep<RELU6>>(x, {u}, w, true, tol, max_iter, batch_stop);
-    default: return iterate<T, ForwardStep<SIGMOID>>(x, {u}, w, true, tol, max_iter, batch_stop);
-  }
+// A fresh copy of `t` in the compute dtype and the solver's layout: the loops overwrite the state.
+at::Tensor as_state(const at::Tensor& t, at::ScalarType dtype) {
+  return at::empty_like(t, t.options().dtype(dtype), solver_layout(t)).copy_(t);
 }
 
-SolveOutputs cast_state(SolveOutputs out, at::ScalarType dtype) {
-  std::get<0>(out) = std::get<0>(out).to(dtype);
+// The state back in the input's dtype and memory format (what the op's fake kernel, empty_like,
+// promises).
+SolveOutputs as_output(SolveOutputs out, const at::Tensor& like) {
+  std::get<0>(out) = std::get<0>(out).to(like.scalar_type()).contiguous(like.suggest_memory_format());
   return out;
 }
 
@@ -464,7 +401,7 @@ SolveOutputs forward_solve(
     int64_t max_iter,
     bool batch_stop) {
   constexpr const char* op = "pcdeq_C::forward_solve";
-  check_dense(op, "u", u, weight);
+  check_problem(op, "u", u, weight);
   check_options(op, tol, max_iter);
   TORCH_CHECK(
       is_valid_activation(static_cast<int>(activation)),
@@ -474,13 +411,16 @@ SolveOutputs forward_solve(
   }
   const auto dtype = compute_dtype(u.scalar_type());
   at::Tensor u_c = as_input(u, dtype);
-  at::Tensor w = weight.to(dtype).contiguous();  // z @ W^T
-  // The state is always our own buffer: it is overwritten, and returned.
-  at::Tensor x = z0.has_value() ? z0->to(dtype, /*non_blocking=*/false, /*copy=*/true).contiguous() : at::zeros_like(u_c);
-  SolveOutputs out = dtype == at::kDouble
-      ? forward_dispatch<double>(activation, x, u_c, w, tol, max_iter, batch_stop)
-      : forward_dispatch<float>(activation, x, u_c, w, tol, max_iter, batch_stop);
-  return cast_state(std::move(out), u.scalar_type());
+  at::Tensor w = weight.to(dtype).contiguous();
+  at::Tensor x = z0.has_value() ? as_state(*z0, dtype) : at::zeros_like(u_c);
+  if (weight.dim() == 4) {
+    return as_output(conv_forward_iterate(x, u_c, w, activation, tol, max_iter, batch_stop), u);
+  }
+  return as_output(with_forward_step(activation, [&](auto step) {  // z @ W^T
+    using Step = decltype(step);
+    return dtype == at::kDouble ? iterate<double, Step>(x, {u_c}, w, true, tol, max_iter, batch_stop)
+                                : iterate<float, Step>(x, {u_c}, w, true, tol, max_iter, batch_stop);
+  }), u);
 }
 
 SolveOutputs adjoint_solve(
@@ -491,18 +431,21 @@ SolveOutputs adjoint_solve(
     int64_t max_iter,
     bool batch_stop) {
   constexpr const char* op = "pcdeq_C::adjoint_solve";
-  check_dense(op, "v", v, weight);
+  check_problem(op, "v", v, weight);
   check_options(op, tol, max_iter);
   check_like(op, "D", D, v, "v");
   const auto dtype = compute_dtype(v.scalar_type());
   at::Tensor v_c = as_input(v, dtype);
   at::Tensor d_c = as_input(D, dtype);
-  at::Tensor w = weight.to(dtype).contiguous();  // h @ W
-  at::Tensor x = at::mul(d_c, v_c);               // h_0 = D * v, a fresh buffer
-  SolveOutputs out = dtype == at::kDouble
-      ? iterate<double, AdjointStep>(x, {v_c, d_c}, w, false, tol, max_iter, batch_stop)
-      : iterate<float, AdjointStep>(x, {v_c, d_c}, w, false, tol, max_iter, batch_stop);
-  return cast_state(std::move(out), v.scalar_type());
+  at::Tensor w = weight.to(dtype).contiguous();
+  at::Tensor x = at::mul(d_c, v_c).contiguous(solver_layout(v));  // h_0 = D * v, a fresh buffer
+  if (weight.dim() == 4) {
+    return as_output(conv_adjoint_iterate(x, v_c, d_c, w, tol, max_iter, batch_stop), v);
+  }
+  return as_output(dtype == at::kDouble  // h @ W
+                       ? iterate<double, AdjointStep>(x, {v_c, d_c}, w, false, tol, max_iter, batch_stop)
+                       : iterate<float, AdjointStep>(x, {v_c, d_c}, w, false, tol, max_iter, batch_stop),
+                   v);
 }
 
 }  // namespace pcdeq::cpu

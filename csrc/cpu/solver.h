@@ -1,14 +1,15 @@
-// The CPU fixed-point solvers for dense pcDEQ problems (u, v of shape (B, d), weight (d, d)).
+// The CPU fixed-point solvers, dense (u, v of shape (B, d), weight (d, d)) and convolutional (u, v of
+// shape (B, C, H, W), weight (C, C, 3, 3); conv_solver.h):
 //
-//     forward   z_{k+1} = act(z_k @ W^T + u)       z_0 = z0, or 0
-//     adjoint   h_{k+1} = D * (h_k @ W + v)        h_0 = D * v
+//     forward   z_{k+1} = act(L(z_k) + u)          z_0 = z0, or 0      L(z) = z @ W^T, or conv3x3(z, W)
+//     adjoint   h_{k+1} = D * (L^T(h_k) + v)       h_0 = D * v
 //
 // with the stopping rule of pcdeq_kernels/reference.py (the specification): per sample b,
 // r_b = ||x_{k+1,b} - x_{k,b}|| / (||x_{k+1,b}|| + 1e-5); with batch_stop = false each sample stops
 // (state and count freeze) once r_b < tol, with batch_stop = true all stop together once the same
 // ratio over the whole batch is < tol; at most max_iter steps.
 //
-// Both return (state in the input dtype, iterations int32 (B,), residual (B,) float32 or float64,
+// Both return (state in the input dtype and memory format, iterations int32 (B,), residual (B,) float32 or float64,
 // converged bool (B,)). float16/bfloat16 inputs are solved in float32.
 #pragma once
 

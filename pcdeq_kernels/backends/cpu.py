@@ -16,7 +16,7 @@ from . import compiled
 from .compiled import adjoint_solve, forward_solve  # noqa: F401  (the backend interface)
 
 NAME = "cpu"
-KINDS = ("dense",)
+KINDS = ("dense", "conv")
 _AVAILABLE = compiled.has_kernels("CPU")
 
 
