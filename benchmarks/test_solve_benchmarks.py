@@ -15,18 +15,21 @@ import torch
 from pcdeq_kernels.bench import paths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SHAPES = {"64x80": (64, 80), "1024x256": (1024, 256)}
+# (B, d) dense, (B, C, H, W) convolutional; on CPU small enough to run in CI as correctness checks
+SHAPES = {"64x80": (64, 80), "1024x256": (1024, 256), "16x24x14x14": (16, 24, 14, 14)}
 if DEVICE == "cuda":
     SHAPES.update({f"{b}x{d}": (b, d) for b in (256, 1024, 8192) for d in (256, 1024, 4096)})
+    SHAPES.update({"64x82x28x28": (64, 82, 28, 28), "64x125x32x32": (64, 125, 32, 32)})
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-AVAILABLE = paths.available_paths(DEVICE)
-ALL_PATHS = list(paths.PEERS) + [p for p in AVAILABLE if p not in paths.PEERS]
+AVAILABLE = {kind: paths.available_paths(DEVICE, kind) for kind in ("dense", "conv")}
+ALL_PATHS = list(paths.PEERS) + [p for p in AVAILABLE["dense"] if p not in paths.PEERS]
 
 
 def _runner(path, shape, dtype):
-    if AVAILABLE[path]:
-        pytest.skip(f"{path}: {AVAILABLE[path]}")
-    u, w = paths.make_problem(*SHAPES[shape], device=DEVICE, dtype=dtype)
+    why = AVAILABLE["conv" if len(SHAPES[shape]) == 4 else "dense"][path]
+    if why:
+        pytest.skip(f"{path}: {why}")
+    u, w = paths.problem_for_shape(SHAPES[shape], device=DEVICE, dtype=dtype)
     return paths.runner(path, u, w), paths.runner("official", u, w)
 
 

@@ -43,3 +43,15 @@ def test_paths_agree_and_missing_peers_say_why():
 def test_bad_shapes_argument():
     with pytest.raises(SystemExit):
         main(["--shapes", "64by80"])
+
+
+def test_conv_grid_times_the_cpu_backend_on_conv_problems(tmp_path, capsys):
+    assert main(["--shapes", "3x4x5x6", "--min-seconds", "0.01", "--out", str(tmp_path), "--no-progress",
+                 "--paths", "official,reference,cpu", "--modes", "forward"]) == 0
+    (json_file,) = tmp_path.glob("*conv*.json")
+    rows = json.loads(json_file.read_text())["results"]
+    assert {r["path"] for r in rows} == {"official", "reference", "cpu"} and rows[0]["shape"] == [3, 4, 5, 6]
+    # flops per iteration: 2 B C H W (9 C)
+    assert all(r["flops"] == pytest.approx(2 * 3 * 4 * 5 * 6 * 36 * r["forward_iterations"]) for r in rows)
+    with pytest.raises(SystemExit):
+        main(["--shapes", "3x4x5"])

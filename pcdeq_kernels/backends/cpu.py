@@ -1,9 +1,11 @@
-"""The compiled C++ CPU backend: the whole solve loop in ``pcdeq_kernels._C`` (csrc/cpu/solver.cpp).
+"""The compiled C++ CPU backend: the whole solve loop in ``pcdeq_kernels._C`` (csrc/cpu/).
 
-Per iteration one BLAS matmul (torch's, into a preallocated buffer) and one fused, multithreaded pass
-that applies the activation (or the multiply by D), writes the next state and reduces each row's
-residual; samples that meet the stopping rule leave the active set, so the matmul shrinks with it.
-No host round trip per iteration. Dense problems only; semantics of ``pcdeq_kernels.reference``.
+Dense problems (solver.cpp): per iteration one matmul (a packed SIMD kernel for d <= 1024, BLAS above)
+and one fused, multithreaded pass that applies the activation (or the multiply by D), writes the next
+state and reduces each row's residual; samples that meet the stopping rule leave the active set, so
+the matmul shrinks with it. Convolutional problems (conv_solver.cpp): the same fused pass after one
+channels-last oneDNN convolution of the unfinished images. No host round trip per iteration;
+semantics of ``pcdeq_kernels.reference``.
 
 The ops are ``torch.ops.pcdeq_C.forward_solve(u, weight, z0, activation_id, tol, max_iter,
 batch_stop)`` and ``torch.ops.pcdeq_C.adjoint_solve(v, weight, D, tol, max_iter, batch_stop)``;

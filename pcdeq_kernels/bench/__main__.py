@@ -7,22 +7,26 @@ import sys
 
 import torch
 
-from .report import FULL_SHAPES, QUICK_SHAPES, convergence_history, format_table, run_grid, write_outputs
+from .report import CONV_QUICK_SHAPES, CONV_SHAPES, FULL_SHAPES, QUICK_SHAPES, convergence_history, format_table, run_grid, write_outputs
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _shapes(text: str) -> list[tuple[int, int]]:
+def _shapes(text: str) -> list[tuple[int, ...]]:
     try:
-        return [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",")]
+        shapes = [tuple(int(x) for x in item.lower().split("x")) for item in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shapes look like 64x80,1024x256; got {text!r}") from None
+        shapes = []
+    if not shapes or any(len(s) not in (2, 4) for s in shapes):
+        raise argparse.ArgumentTypeError(f"shapes look like 64x80,1024x256 (B x d) or 64x82x28x28 (B x C x H x W); got {text!r}")
+    return shapes
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pcdeq_kernels.bench", description=__doc__)
     p.add_argument("--quick", action="store_true", help=f"the small grid {QUICK_SHAPES} (CPU: under 3 minutes)")
-    p.add_argument("--shapes", type=_shapes, help="comma-separated BxD, e.g. 64x80,8192x4096")
+    p.add_argument("--shapes", type=_shapes, help="comma-separated BxD or BxCxHxW, e.g. 64x80,8192x4096")
+    p.add_argument("--conv", action="store_true", help=f"the convolutional grid {CONV_SHAPES} (with --quick: {CONV_QUICK_SHAPES})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--activation", default="tanh")
@@ -35,7 +39,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA build of torch and a GPU")
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+    if args.conv:
+        shapes = args.shapes or (CONV_QUICK_SHAPES if args.quick else CONV_SHAPES)
+    else:
+        shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     result = run_grid(
         shapes, device=args.device, dtype=DTYPES[args.dtype], activation=args.activation, tol=args.tol,
         modes=tuple(args.modes.split(",")), paths_to_run=args.paths.split(",") if args.paths else None,

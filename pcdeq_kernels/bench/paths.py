@@ -40,14 +40,29 @@ class Runner:
     iterations: Callable[[], tuple[float, float]]  # mean forward, backward iterations of the last calls
 
 
-def make_problem(batch: int, dim: int, *, device="cpu", dtype=torch.float32, activation="tanh", seed=0):
+def make_problem(batch: int, dim: int, *, device="cpu", dtype=torch.float32, activation="tanh", seed=0,
+                 image: tuple[int, int] | None = None):
     """A problem in the regime of trained pcDEQ layers: W >= 0 with row sums about 0.9 and
-    u = softplus(beta=5) of N(0.5, 1) (relu for pcDEQ-2): tens of iterations at tol 1e-4."""
+    u = softplus(beta=5) of N(0.5, 1) (relu for pcDEQ-2): tens of iterations at tol 1e-4.
+    ``image=(H, W)`` gives a convolutional problem with ``dim`` channels (kernel (dim, dim, 3, 3))."""
     g = torch.Generator().manual_seed(seed)
-    weight = torch.rand(dim, dim, generator=g) * (1.8 / dim)
-    x = torch.randn(batch, dim, generator=g) + 0.5
+    if image is None:
+        weight = torch.rand(dim, dim, generator=g) * (1.8 / dim)
+        x = torch.randn(batch, dim, generator=g) + 0.5
+    else:
+        weight = torch.rand(dim, dim, 3, 3, generator=g) * (1.8 / (9 * dim))
+        x = torch.randn(batch, dim, *image, generator=g) + 0.5
     u = F.relu(x) if get_activation(activation).family == "pcDEQ-2" else F.softplus(x, beta=5)
     return u.to(device=device, dtype=dtype), weight.to(device=device, dtype=dtype)
+
+
+def problem_for_shape(shape: tuple[int, ...], **kw):
+    """``(B, d)``: dense; ``(B, C, H, W)``: convolutional. Keywords as make_problem."""
+    if len(shape) == 2:
+        return make_problem(*shape, **kw)
+    if len(shape) == 4:
+        return make_problem(shape[0], shape[1], image=tuple(shape[2:]), **kw)
+    raise ValueError(f"a benchmark shape is (B, d) or (B, C, H, W), got {shape}")
 
 
 def torchdeq_missing_reason() -> str:
@@ -56,16 +71,16 @@ def torchdeq_missing_reason() -> str:
     return ""
 
 
-def available_paths(device_type: str) -> dict[str, str]:
-    """Every path name -> '' if it runs here, else the reason it does not."""
+def available_paths(device_type: str, kind: str = "dense") -> dict[str, str]:
+    """Every path name -> '' if it runs here for ``kind`` ("dense" or "conv") problems, else the reason it does not."""
     out = {"official": ""}
     reason = torchdeq_missing_reason()
     out["torchdeq-fpi"] = out["torchdeq-anderson"] = reason
     for name, ok in backends.available_backends().items():
         if not ok:
             out[name] = backends._why_unavailable(name)
-        elif not backends.get(name).supports(device_type, "dense"):
-            out[name] = f"does not run on {device_type} tensors"
+        elif not backends.get(name).supports(device_type, kind):
+            out[name] = f"does not run {kind} problems on {device_type} tensors"
         elif name == "triton" and device_type == "cpu":
             out[name] = "the Triton interpreter is never timed"
         else:

@@ -1,9 +1,9 @@
 """Run a benchmark grid, print the table, write JSON and PNG plots.
 
-For each shape (B, d), mode (``forward``: the solve alone; ``train``: forward + backward) and path,
+For each shape (B, d) (dense) or (B, C, H, W) (convolutional), mode (``forward``: the solve alone; ``train``: forward + backward) and path,
 the median wall time after warm-up; speedups are ``official time / path time`` on the same data in
 the same run. Roofline columns: ``flops = 2 B d^2 (forward + backward iterations)`` (the matmuls the
-solve needs), the achieved TFLOP/s, and on a GPU with a known peak the fraction of that peak and of
+solve needs; ``2 B C^2 9 H W`` per iteration for a convolution), the achieved TFLOP/s, and on a GPU with a known peak the fraction of that peak and of
 the no-overhead floor ``launch latency + flops / peak``.
 """
 
@@ -25,6 +25,10 @@ from .timing import measure
 
 QUICK_SHAPES = [(64, 80), (256, 256), (1024, 256)]
 FULL_SHAPES = [(64, 80)] + [(b, d) for b in (256, 1024, 8192) for d in (256, 1024, 4096)]
+# The paper's convolutional layers at batch 64: single-conv MNIST (82 channels, 28x28) and CIFAR-10
+# (125, 32x32); the multi-conv CIFAR-10 stages (20 at 32x32, 50 at 15x15, 80 at 7x7).
+CONV_QUICK_SHAPES = [(64, 82, 28, 28)]
+CONV_SHAPES = [(64, 82, 28, 28), (64, 125, 32, 32), (64, 20, 32, 32), (64, 50, 15, 15), (64, 80, 7, 7)]
 # Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: tf32 for float32 under "high"/"medium"
 # matmul precision, plain FP32 for "highest"; fp16 and bf16 share a peak.
 GPU_PEAKS = {
@@ -78,7 +82,11 @@ def run_grid(shapes, *, device="cpu", dtype=torch.float32, activation="tanh", to
              modes=("forward", "train"), paths_to_run=None, min_seconds=0.3, progress=True) -> dict:
     """Time every available path on every shape; returns the JSON-ready result."""
     device_type = torch.device(device).type
-    availability = paths.available_paths(device_type)
+    kinds = {"conv" if len(shape) == 4 else "dense" for shape in shapes}
+    availability = {}
+    for kind in sorted(kinds):  # a path runs the grid only if it runs every kind in it
+        for p, why in paths.available_paths(device_type, kind).items():
+            availability[p] = availability.get(p) or why
     chosen = [p for p in (paths_to_run or availability) if availability.get(p) == ""]
     skipped = {p: why for p, why in availability.items() if why and (paths_to_run is None or p in paths_to_run)}
     info = machine_info(device_type)
@@ -86,20 +94,21 @@ def run_grid(shapes, *, device="cpu", dtype=torch.float32, activation="tanh", to
     jobs = [(shape, mode, path) for shape in shapes for mode in modes for path in chosen]
     bar = _progress(len(jobs), progress)
     rows = []
-    for (batch, dim) in shapes:
-        u, w = paths.make_problem(batch, dim, device=device, dtype=dtype, activation=activation)
+    for shape in shapes:
+        u, w = paths.problem_for_shape(shape, device=device, dtype=dtype, activation=activation)
+        name = "x".join(map(str, shape))
         runners = {p: paths.runner(p, u, w, activation, tol, max_iter) for p in chosen}
         _check_agreement(runners, u)
         for mode in modes:
             for path in chosen:
-                bar.set_description(f"{batch}x{dim} {mode} {path}")
+                bar.set_description(f"{name} {mode} {path}")
                 r = runners[path]
                 fn = r.forward if mode == "forward" else r.train_step
                 timing = measure(fn, device_type, min_seconds=min_seconds)
                 fwd_it, bwd_it = r.iterations()
                 its = fwd_it + (bwd_it if mode == "train" and not math.isnan(bwd_it) else 0.0)
-                flops = 2.0 * batch * dim * dim * its
-                row = dict(shape=[batch, dim], mode=mode, path=path, **timing,
+                flops = 2.0 * u.numel() * w[0].numel() * its  # multiply-adds of L per map application
+                row = dict(shape=list(shape), mode=mode, path=path, **timing,
                            forward_iterations=fwd_it, backward_iterations=bwd_it if mode == "train" else None,
                            flops=flops, achieved_tflops=flops / (timing["median_ms"] * 1e-3) / 1e12)
                 if peak:
@@ -153,12 +162,12 @@ def format_table(result: dict) -> str:
     lines = [
         f"{result['machine'].get('gpu') or result['machine']['processor']} | torch {result['machine']['torch']} | "
         f"{result['dtype']} {result['activation']} tol {result['tol']:g} | {result['machine']['date']}",
-        f"{'shape':>11} {'mode':>7} {'path':>18} {'median ms':>10} {'vs official':>11} {'fwd it':>7} {'bwd it':>7} {'TFLOP/s':>8}"
+        f"{'shape':>15} {'mode':>7} {'path':>18} {'median ms':>10} {'vs official':>11} {'fwd it':>7} {'bwd it':>7} {'TFLOP/s':>8}"
         + (f" {'%peak':>6}" if result["peak_tflops"] else ""),
     ]
     for r in rows:
         bwd = r["backward_iterations"]
-        line = (f"{r['shape'][0]:>5}x{r['shape'][1]:<5} {r['mode']:>7} {r['path']:>18} {r['median_ms']:>10.3f} "
+        line = (f"{'x'.join(map(str, r['shape'])):>15} {r['mode']:>7} {r['path']:>18} {r['median_ms']:>10.3f} "
                 f"{r['speedup_vs_official']:>10.2f}x {r['forward_iterations']:>7.1f} "
                 f"{'' if bwd is None or math.isnan(bwd) else f'{bwd:.1f}':>7} {r['achieved_tflops']:>8.4f}")
         if result["peak_tflops"]:
@@ -207,7 +216,8 @@ def write_outputs(result: dict, history: dict, out_dir: str | Path) -> list[Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = (result["machine"].get("gpu") or "cpu").replace(" ", "_")
-    stem = f"bench-{device}-{result['dtype']}-{result['machine']['date'][:10]}"
+    kind = "conv" if all(len(r["shape"]) == 4 for r in result["results"]) else "dense"
+    stem = f"bench-{device}-{kind}-{result['dtype']}-{result['machine']['date'][:10]}"
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(dict(result, convergence=history), indent=1))
     written = [json_path]
@@ -227,9 +237,9 @@ def write_outputs(result: dict, history: dict, out_dir: str | Path) -> list[Path
         for j, p in enumerate(path_names):
             ys = [next((r["speedup_vs_official"] for r in rows if tuple(r["shape"]) == s and r["mode"] == mode and r["path"] == p), 0) for s in shapes]
             ax.bar([i + j * width for i in range(len(shapes))], ys, width, label=p)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], [f"{b}x{d}" for b, d in shapes])
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], ["x".join(map(str, s)) for s in shapes])
         ax.axhline(1, color="k", lw=0.8)
-        ax.set_title(f"{mode}: speedup vs official (B x d)")
+        ax.set_title(f"{mode}: speedup vs official (B x d, or B x C x H x W)")
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{result['machine'].get('gpu') or result['machine']['processor']}, {result['dtype']}, {result['activation']}")
