@@ -2,6 +2,12 @@
 
     python examples/train_digits.py                      # linear pcDEQ-1 (tanh), auto backend
     python examples/train_digits.py --model conv --activation sigmoid --backend reference
+    python examples/train_digits.py --model paper-single-conv --epochs 5   # the paper's MNIST nets on
+    python examples/train_digits.py --model paper-multi-conv --epochs 5    # the digits upsampled to 28x28
+
+``linear`` and ``conv`` are small networks on the 8x8 images; ``paper-single-conv`` (82 channels) and
+``paper-multi-conv`` (12, 24, 48 channels) are the paper's MNIST networks (``models.paper_model``),
+which need MNIST-sized inputs: the digits are upsampled (bilinear) to 28x28.
 
 Prints one line per epoch: loss, train/test accuracy, mean forward and backward iterations of the
 pcDEQ solves, and the time. Exits non-zero if the final test accuracy is below --target.
@@ -20,12 +26,16 @@ from sklearn.model_selection import train_test_split
 
 import pcdeq_kernels as pk
 from pcdeq_kernels.backends import resolve
-from pcdeq_kernels.models import LinearPCDEQNet, SingleConvPCDEQNet
+from pcdeq_kernels.models import LinearPCDEQNet, SingleConvPCDEQNet, paper_model
+
+MODELS = ("linear", "conv", "paper-single-conv", "paper-multi-conv")
 
 
-def load_data(seed: int):
+def load_data(seed: int, size: int = 8):
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.tensor(digits.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(range(len(y)), test_size=0.2, random_state=seed, stratify=y)
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
@@ -34,7 +44,10 @@ def load_data(seed: int):
 def build_model(kind: str, activation: str, backend: str) -> torch.nn.Module:
     if kind == "linear":
         return LinearPCDEQNet(64, features=80, activation=activation, backend=backend)
-    return SingleConvPCDEQNet(1, 8, channels=32, activation=activation, backend=backend)
+    if kind == "conv":
+        return SingleConvPCDEQNet(1, 8, channels=32, activation=activation, backend=backend)
+    name = kind.removeprefix("paper-").replace("-", "_")
+    return paper_model(name, "mnist", activation, backend=backend)
 
 
 def run_epoch(model, x, y, optimizer=None, batch_size=64):
@@ -63,7 +76,7 @@ def run_epoch(model, x, y, optimizer=None, batch_size=64):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["linear", "conv"], default="linear")
+    p.add_argument("--model", choices=MODELS, default="linear")
     p.add_argument("--activation", choices=sorted(pk.ACTIVATIONS), default="tanh")
     p.add_argument("--backend", default="auto", help="auto, reference, cpu, cuda or triton")
     p.add_argument("--epochs", type=int, default=25)
@@ -73,11 +86,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    x_train, y_train, x_test, y_test = load_data(args.seed)
+    x_train, y_train, x_test, y_test = load_data(args.seed, 28 if args.model.startswith("paper-") else 8)
     model = build_model(args.model, args.activation, args.backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
-    print(f"digits: {len(y_train)} train / {len(y_test)} test images; {args.model} pcDEQ ({args.activation}), "
+    print(f"digits: {len(y_train)} train / {len(y_test)} test images of {tuple(x_train.shape[1:])}; "
+          f"{args.model} pcDEQ ({args.activation}), "
           f"backend {args.backend!r} -> "
           f"{resolve(args.backend, 'cpu', 'dense' if args.model == 'linear' else 'conv')!r}; available {pk.available_backends()}")
     start = time.perf_counter()

@@ -21,3 +21,9 @@ def test_demo_reaches_95_percent_quickly(capsys):
 
 def test_demo_conv_pcdeq2_trains(capsys):
     assert train_digits.main(["--model", "conv", "--activation", "sigmoid", "--epochs", "15", "--target", "0.9"]) == 0
+
+
+def test_demo_paper_multi_conv_network_trains_on_upsampled_digits(capsys):
+    # the paper's MNIST multi-conv network (12, 24, 48 channels) on the digits upsampled to 28x28
+    assert train_digits.main(["--model", "paper-multi-conv", "--epochs", "3", "--target", "0.85"]) == 0
+    assert "of (1, 28, 28)" in capsys.readouterr().out
