@@ -50,7 +50,7 @@ from pcdeq_kernels import backends, reference
 from pcdeq_kernels.activations import get_activation
 from pcdeq_kernels.backends import cuda
 
-from problems import ALL_ACTIVATIONS, make_problem
+from problems import ALL_ACTIVATIONS, TOL, adjoint_map, check_against_reference, forward_map, make_problem
 
 ROOT = Path(__file__).parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -61,9 +61,6 @@ gpu = pytest.mark.skipif(
 
 SHAPES = [(b, d) for b in (1, 7, 33, 300) for d in (1, 5, 80, 131, 300, 1100)]
 PATHS = ("single", "stepwise")
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-NEAR_TOL = {torch.float64: 1e-6, torch.float32: 1e-2}
-STATE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 UNIT_ROUNDOFF = {"tf32": 2.0**-11, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 TINY = {"tf32": 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}  # fp16's subnormal spacing
 TF32_RTOL = 5e-3  # c ~ 0.5 problems: (4u + 2 tol) / (1 - c) ~ 4e-3
@@ -95,44 +92,6 @@ def fp32_tf32():
 
 def _gpu(*tensors):
     return tuple(t.cuda() for t in tensors)
-
-
-def _step_residuals(step_fn, x0, steps, stop):
-    """The reference's residual after exactly `steps` applications of the map, with no early exit."""
-    x = x0
-    for _ in range(steps - 1):
-        x = step_fn(x)
-    x_next = step_fn(x)
-    if stop == "batch":
-        return reference.batch_relative_residual(x_next, x).expand(x0.shape[0])
-    return reference.relative_residual(x_next, x)
-
-
-def _check_against_reference(got, want, step_fn, x0, tol, stop, dtype):
-    """Counts equal except off by one at a residual near tol; states, residuals, flags agree."""
-    x, its, res, conv = got
-    x_ref, its_ref, res_ref, conv_ref = want
-    assert x.device.type == "cuda" and its.device.type == "cuda"
-    assert x.dtype == x_ref.dtype and its.dtype == torch.int32 and conv.dtype == torch.bool
-    assert res.dtype == res_ref.dtype and x.shape == x_ref.shape and its.shape == its_ref.shape
-    differ = its != its_ref
-    if differ.any():
-        assert ((its - its_ref).abs() <= 1).all(), (its, its_ref)
-        for b in differ.nonzero().flatten().tolist():
-            k = int(min(its[b], its_ref[b]))
-            r = _step_residuals(step_fn, x0, k, stop)[b].item()
-            assert abs(r - tol) <= NEAR_TOL[dtype] * tol, (b, k, r, tol)
-    same = ~differ
-    torch.testing.assert_close(x[same], x_ref[same], rtol=STATE_RTOL[dtype], atol=STATE_RTOL[dtype])
-    torch.testing.assert_close(x[differ], x_ref[differ], rtol=10 * tol, atol=10 * tol)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(res[same], res_ref[same], rtol=1e-3, atol=16 * eps)
-    assert torch.equal(conv, conv_ref)
-
-
-def _forward_step(u, w, activation):
-    act = get_activation(activation).fn
-    return lambda z: act(reference.linear_map(z, w) + u)
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +126,7 @@ def test_forward_solve_matches_reference(activation, dtype, stop, path, fp32_hig
         u, w = _gpu(*make_problem(batch, dim, activation, dtype=dtype, seed=seed, weight_scale=0.8))
         got = cuda.forward_solve(u, w, None, activation, tol, 500, stop)
         want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
-        _check_against_reference(got, want, _forward_step(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        check_against_reference(got, want, forward_map(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
         assert got[3].all()
 
 
@@ -181,7 +140,7 @@ def test_adjoint_solve_matches_reference(activation, dtype, stop, path, fp32_hig
         v, w, D = _adjoint_problem(batch, dim, activation, dtype, seed=seed)
         got = cuda.adjoint_solve(v, w, D, tol, 500, stop)
         want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-        _check_against_reference(got, want, lambda h: D * (h @ w + v), D * v, tol, stop, dtype)
+        check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
 
 
 @gpu
@@ -196,7 +155,7 @@ def test_ragged_convergence(stop, path):
     want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
     if stop == "sample":
         assert want[1].unique().numel() > 5  # the point of the test
-    _check_against_reference(got, want, _forward_step(u, w, "softsign"), torch.zeros_like(u), 1e-10, stop, torch.float64)
+    check_against_reference(got, want, forward_map(u, w, "softsign"), torch.zeros_like(u), 1e-10, stop, torch.float64)
 
 
 @gpu
@@ -234,9 +193,9 @@ def test_z0_is_the_starting_point(stop, path):
     u, w, z0 = _gpu(u, w, z0)
     got = cuda.forward_solve(u, w, z0, "relu6", 1e-9, 500, stop)
     want = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=500, stop=stop, z0=z0)
-    _check_against_reference(got, want, _forward_step(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
+    check_against_reference(got, want, forward_map(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
     one = cuda.forward_solve(u, w, z0, "relu6", 1e-9, 1, stop)[0]
-    torch.testing.assert_close(one, _forward_step(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(one, forward_map(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
 
 
 # --- rounded operands: tf32, float16, bfloat16 -----------------------------------------------------
@@ -433,10 +392,7 @@ def test_auto_picks_cuda_for_dense_cuda_problems():
     assert pk.available_backends()["cuda"]
     assert backends.resolve("auto", "cuda", "dense") == "cuda"
     u, w = _gpu(*make_problem(3, 4, "tanh"))
-    assert pk.fixed_point(u, w)[1].backend == "cuda"
-    with pytest.raises(ValueError, match="does not support conv problems"):
-        uc, wc = _gpu(*make_problem(2, 3, "tanh", conv_hw=(4, 4)))
-        pk.fixed_point(uc, wc, backend="cuda")
+    assert pk.fixed_point(u, w)[1].backend == "cuda"  # conv: tests/test_backend_cuda_conv.py
 
 
 @gpu
@@ -512,7 +468,10 @@ def _torch_include_dirs():
 
 
 # every kernel is on the hot path of some solve
-HOT_KERNELS = ("dense_solve_block_kernel", "dense_step_kernel", "dense_finalize_kernel", "dense_gather_kernel")
+HOT_KERNELS = (
+    "dense_solve_block_kernel", "dense_step_kernel", "dense_finalize_kernel", "dense_gather_kernel",
+    "conv_epilogue_kernel", "conv_status_init_kernel",
+)
 
 
 def _ptxas_report(text):

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include <pcdeq/activations.h>
+#include <pcdeq/op_checks.h>
 
 #include "conv_solver.h"
 #include "row_update.h"
@@ -325,47 +326,14 @@ SolveOutputs iterate(at::Tensor x, std::array<at::Tensor, Step::kInputs> inputs,
   return Iteration<T, Step>(std::move(x), std::move(inputs), weight, transpose, tol, max_iter, batch_stop).run();
 }
 
-at::ScalarType compute_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Device, dtype and shape: dense (x (B, d), weight (d, d)) or conv (x (B, C, H, W), weight (C, C, 3, 3)).
 void check_problem(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(
-      x.device().is_cpu() && weight.device().is_cpu(),
-      op, ": the cpu backend needs CPU tensors; got ", name, " on ", x.device(), " and weight on ",
-      weight.device());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      op, ": ", name, " has dtype ", dtype, "; pcDEQ solves float16, bfloat16, float32 or float64");
-  TORCH_CHECK(
-      weight.scalar_type() == dtype,
-      op, ": ", name, " is ", dtype, " but weight is ", weight.scalar_type(), "; cast them to one dtype");
+  check_device_and_dtype(op, "cpu", c10::DeviceType::CPU, name, x, weight);
   if (weight.dim() == 4) {
-    TORCH_CHECK(
-        x.dim() == 4 && weight.size(0) == weight.size(1) && weight.size(2) == 3 && weight.size(3) == 3 &&
-            x.size(1) == weight.size(0),
-        op, ": convolutional pcDEQ needs ", name, " of shape (B, C, H, W) and weight (C, C, 3, 3); got ", name, " ",
-        x.sizes(), ", weight ", weight.sizes());
-    return;
+    check_conv_shapes(op, name, x, weight);
+  } else {
+    check_dense_shapes(op, name, x, weight);
   }
-  TORCH_CHECK(
-      x.dim() == 2 && weight.dim() == 2 && weight.size(0) == weight.size(1) && x.size(1) == weight.size(0),
-      op, ": dense pcDEQ needs ", name, " of shape (B, d) and weight (d, d); got ", name, " ", x.sizes(),
-      ", weight ", weight.sizes());
-}
-
-void check_options(const char* op, double tol, int64_t max_iter) {
-  TORCH_CHECK(max_iter >= 0, op, ": max_iter must be >= 0, got ", max_iter);
-  TORCH_CHECK(!std::isnan(tol), op, ": tol must be a number, got NaN");
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const char* x_name) {
-  TORCH_CHECK(
-      t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.sizes() == x.sizes(),
-      op, ": ", name, " must match ", x_name, " (shape ", x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
-      "); got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
 }
 
 // The loops' memory layout: row-major for dense, channels-last for conv (conv_solver.cpp says why).
@@ -403,13 +371,11 @@ SolveOutputs forward_solve(
   constexpr const char* op = "pcdeq_C::forward_solve";
   check_problem(op, "u", u, weight);
   check_options(op, tol, max_iter);
-  TORCH_CHECK(
-      is_valid_activation(static_cast<int>(activation)),
-      op, ": unknown activation id ", activation, " (0 tanh, 1 softsign, 2 relu6, 3 sigmoid)");
+  check_activation(op, activation);
   if (z0.has_value()) {
     check_like(op, "z0", *z0, u, "u");
   }
-  const auto dtype = compute_dtype(u.scalar_type());
+  const auto dtype = state_dtype(u.scalar_type());
   at::Tensor u_c = as_input(u, dtype);
   at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor x = z0.has_value() ? as_state(*z0, dtype) : at::zeros_like(u_c);
@@ -434,7 +400,7 @@ SolveOutputs adjoint_solve(
   check_problem(op, "v", v, weight);
   check_options(op, tol, max_iter);
   check_like(op, "D", D, v, "v");
-  const auto dtype = compute_dtype(v.scalar_type());
+  const auto dtype = state_dtype(v.scalar_type());
   at::Tensor v_c = as_input(v, dtype);
   at::Tensor d_c = as_input(D, dtype);
   at::Tensor w = weight.to(dtype).contiguous();

@@ -1,5 +1,7 @@
 // The CUDA kernels of pcdeq_C::forward_solve / adjoint_solve (schemas in csrc/ops.cpp), dense problems:
-// input checks, the choice of matmul engine, operand preparation, and the registration.
+// input checks, the choice of matmul engine, operand preparation, and the registration. Convolutional
+// problems (weight of shape (C, C, 3, 3)) are routed to conv_solve.cu; the checks both share are in
+// op_checks.cuh.
 //
 // Engines (dense_kernels.cuh), by input dtype:
 //   float64             CUDA-core fp64 (no tensor-core path: fp64 here is for verification, not speed)
@@ -17,18 +19,18 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <optional>
 #include <type_traits>
 #include <utility>
 
 #include <pcdeq/activations.h>
 
+#include "conv_solve.cuh"
 #include "dense_kernels.cuh"
 #include "dense_solve.cuh"
+#include "op_checks.cuh"
 
 // Detecting torch's fp32-precision API without naming what an older torch lacks: qualified lookup of
 // at::X finds a real at::X first and the fallbacks below only when torch does not declare X (the
@@ -110,52 +112,9 @@ DensePath path_from_env() {
   return DensePath::kAuto;
 }
 
-at::ScalarType state_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_dense(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
-  TORCH_CHECK(
-      x.is_cuda() && weight.is_cuda(),
-      op, ": the cuda backend needs CUDA tensors; got ", name, " on ", x.device(), " and weight on ",
-      weight.device());
-  TORCH_CHECK(
-      x.device() == weight.device(),
-      op, ": ", name, " is on ", x.device(), " but weight is on ", weight.device(), "; move them to one GPU");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(
-      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-      op, ": ", name, " has dtype ", dtype, "; pcDEQ solves float16, bfloat16, float32 or float64");
-  TORCH_CHECK(
-      weight.scalar_type() == dtype,
-      op, ": ", name, " is ", dtype, " but weight is ", weight.scalar_type(), "; cast them to one dtype");
-  TORCH_CHECK(
-      x.dim() == 2 && weight.dim() == 2 && weight.size(0) == weight.size(1) && x.size(1) == weight.size(0),
-      op, ": dense pcDEQ needs ", name, " of shape (B, d) and weight (d, d); got ", name, " ", x.sizes(),
-      ", weight ", weight.sizes());
-}
-
-void check_options(const char* op, double tol, int64_t max_iter) {
-  TORCH_CHECK(max_iter >= 0, op, ": max_iter must be >= 0, got ", max_iter);
-  TORCH_CHECK(!std::isnan(tol), op, ": tol must be a number, got NaN");
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const char* x_name) {
-  TORCH_CHECK(
-      t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.sizes() == x.sizes(),
-      op, ": ", name, " must match ", x_name, " (shape ", x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
-      "); got shape ", t.sizes(), ", ", t.scalar_type(), ", ", t.device());
-}
-
-void check_capability(const char* op, const at::Device& device) {
-  int major = 0;
-  int minor = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()));
-  TORCH_CHECK(
-      major >= 8,
-      op, ": the cuda backend needs a GPU of compute capability 8.0 or newer (tf32/bf16 tensor cores); ",
-      device, " is ", major, ".", minor, ": use backend=\"triton\" or backend=\"reference\"");
+  check_tensors(op, name, x, weight);
+  check_dense_shapes(op, name, x, weight);
 }
 
 // (dp, dp) zero-padded copy of W^T (transpose) or W in the operand dtype.
@@ -165,23 +124,6 @@ at::Tensor operand_matrix(const at::Tensor& weight, bool transpose, at::ScalarTy
   at::Tensor m = at::zeros({dp, dp}, weight.options().dtype(dtype));
   m.narrow(0, 0, d).narrow(1, 0, d).copy_(transpose ? weight.t() : weight);
   return m;
-}
-
-// Outputs of a solve that has nothing to iterate: an empty batch, or d = 0 (every step has residual
-// 0 / (0 + 1e-5) = 0, as the CPU backend computes it).
-SolveOutputs trivial_solve(const at::Tensor& x0, double tol, int64_t max_iter, at::ScalarType out_dtype) {
-  const int64_t batch = x0.size(0);
-  const auto options = x0.options();
-  // the reference compares r < tol in the state dtype
-  const bool stops = x0.scalar_type() == at::kDouble ? 0.0 < tol : 0.0f < static_cast<float>(tol);
-  const int64_t its = max_iter == 0 ? 0 : (stops ? 1 : max_iter);
-  const double res = max_iter == 0 ? std::numeric_limits<double>::infinity() : 0.0;
-  return {
-      x0.to(out_dtype),
-      at::full({batch}, its, options.dtype(at::kInt)),
-      at::full({batch}, res, options),
-      at::full({batch}, max_iter > 0 && stops, options.dtype(at::kBool)),
-  };
 }
 
 SolveOutputs cast_state(SolveOutputs out, at::ScalarType dtype) {
@@ -197,12 +139,13 @@ SolveOutputs forward_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
+  if (weight.dim() == 4) {
+    return conv_forward_solve(u, weight, z0, activation, tol, max_iter, batch_stop);
+  }
   constexpr const char* op = "pcdeq_C::forward_solve";
   check_dense(op, "u", u, weight);
   check_options(op, tol, max_iter);
-  TORCH_CHECK(
-      is_valid_activation(static_cast<int>(activation)),
-      op, ": unknown activation id ", activation, " (0 tanh, 1 softsign, 2 relu6, 3 sigmoid)");
+  check_activation(op, activation);
   if (z0.has_value()) {
     check_like(op, "z0", *z0, u, "u");
   }
@@ -233,6 +176,9 @@ SolveOutputs adjoint_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
+  if (weight.dim() == 4) {
+    return conv_adjoint_solve(v, weight, D, tol, max_iter, batch_stop);
+  }
   constexpr const char* op = "pcdeq_C::adjoint_solve";
   check_dense(op, "v", v, weight);
   check_options(op, tol, max_iter);

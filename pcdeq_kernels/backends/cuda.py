@@ -1,4 +1,4 @@
-"""The compiled CUDA backend: dense solves in ``pcdeq_kernels._C`` (csrc/cuda/), on CUDA tensors.
+"""The compiled CUDA backend: dense and convolutional solves in ``pcdeq_kernels._C`` (csrc/cuda/).
 
 Same ops as the CPU backend (``torch.ops.pcdeq_C.forward_solve`` / ``adjoint_solve``), registered
 for the CUDA dispatch key when the extension was built with CUDA. Per solve, either
@@ -13,8 +13,14 @@ for the CUDA dispatch key when the extension was built with CUDA. Per solve, eit
 Matmuls: float32 on tf32 tensor cores when torch's fp32 matmul precision allows tf32 (as for torch's
 own matmuls), otherwise exact float32 on CUDA cores; float16/bfloat16 are solved in float32 with the
 state rounded to the input dtype for the tensor-core matmul; float64 on CUDA cores. Needs a GPU of
-compute capability 8.0 or newer. Dense problems only; semantics of ``pcdeq_kernels.reference``.
-``PCDEQ_CUDA_PATH=single|stepwise`` forces one of the two loops (for tests and benchmarks).
+compute capability 8.0 or newer. ``PCDEQ_CUDA_PATH=single|stepwise`` forces one of the two loops
+(for tests and benchmarks).
+
+Convolutional problems (csrc/cuda/conv_solve.cu): per step one cuDNN convolution of the unfinished
+images (channels-last) and one fused epilogue kernel (activation or multiply by D, next state,
+per-image residual, freeze flags on the device); the host reads a status block only at check steps
+(adaptive by default, ``PCDEQ_CUDA_CHECK_EVERY=k`` for every k steps) and then compacts the working
+set to the unfinished images. Semantics of ``pcdeq_kernels.reference``.
 The fake kernels of the shared op names are registered in ``backends/compiled.py``.
 """
 
@@ -26,7 +32,7 @@ from . import compiled
 from .compiled import adjoint_solve, forward_solve  # noqa: F401  (the backend interface)
 
 NAME = "cuda"
-KINDS = ("dense",)
+KINDS = ("dense", "conv")
 MIN_CAPABILITY = (8, 0)
 
 _HOW_TO_BUILD = (
