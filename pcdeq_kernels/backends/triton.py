@@ -1,6 +1,7 @@
-"""The Triton backend: fused dense solves (``pcdeq_kernels.triton.dense``) behind the backend interface.
+"""The Triton backend: fused solves behind the backend interface, dense (``pcdeq_kernels.triton.dense``)
+and convolutional (``pcdeq_kernels.triton.conv``: implicit-GEMM 3x3 convolution, channels-last).
 
-Dense problems only (the 3x3 convolution is not written yet), on CUDA tensors, or, when
+On CUDA tensors, or, when
 ``TRITON_INTERPRET=1``, on CPU tensors only (Triton's interpreter: slow, for testing the kernels on
 machines without a GPU).
 Computes in float32: float16, bfloat16 and float32 inputs are solved exactly as ``reference.py`` solves
@@ -15,7 +16,7 @@ import importlib.util
 import os
 
 NAME = "triton"
-KINDS = ("dense",)
+KINDS = ("dense", "conv")
 
 
 def _triton_installed() -> bool:
@@ -49,7 +50,7 @@ def unavailable_reason() -> str:
 
 
 def supports(device_type: str, kind: str) -> bool:
-    """Dense problems; CUDA tensors with compiled kernels, CPU tensors under the interpreter (never
+    """Dense and conv problems; CUDA tensors with compiled kernels, CPU tensors under the interpreter (never
     both: "auto" must not send CUDA tensors through the slow interpreter)."""
     if kind not in KINDS:
         return False
@@ -58,15 +59,20 @@ def supports(device_type: str, kind: str) -> bool:
     return device_type == "cuda" and _cuda()
 
 
-def _dense():
+def _kernels(weight):
+    """The kernel module for the problem: a (C, C, 3, 3) weight is convolutional."""
+    if weight.dim() == 4:
+        from ..triton import conv
+
+        return conv
     from ..triton import dense
 
     return dense
 
 
 def forward_solve(u, weight, z0, activation, tol, max_iter, stop):
-    return _dense().forward_solve(u, weight, z0, activation, tol, max_iter, stop)
+    return _kernels(weight).forward_solve(u, weight, z0, activation, tol, max_iter, stop)
 
 
 def adjoint_solve(v, weight, D, tol, max_iter, stop):
-    return _dense().adjoint_solve(v, weight, D, tol, max_iter, stop)
+    return _kernels(weight).adjoint_solve(v, weight, D, tol, max_iter, stop)

@@ -60,7 +60,10 @@ from torch import Tensor
 
 from .. import reference
 from ..activations import get_activation
-from ..reference import RESIDUAL_EPS
+from . import aot
+
+# The map's epilogue and the residual, shared with the convolutional kernels (conv.py).
+from .epilogue import ADJOINT, _activation, _any, _epilogue, _relative_residual  # noqa: F401
 
 
 def _interpreting() -> bool:
@@ -75,76 +78,14 @@ def _interpreting() -> bool:
 # kernels at decoration time, so switching TRITON_INTERPRET later has no effect on this module.
 INTERPRETED = _interpreting()
 
-ADJOINT = -1  # epilogue id of the adjoint map D * (.); activations use their kernel_id >= 0
 SOLVE_PATHS = ("auto", "single", "stepwise")
 PRECISIONS = ("ieee", "tf32")
 DEFAULT_CHECK_EVERY = 8
 MAX_DIM = 46340  # d * d < 2**31: W is indexed with 32-bit offsets
 MAX_BATCH = 2**28  # 6 * B < 2**31: the stepwise path's per-row buffers are indexed with 32-bit offsets
-_EPS = tl.constexpr(RESIDUAL_EPS)  # the stopping rule's denominator guard, shared with the reference
 # "auto" uses the single-launch kernels up to this d even when the row blocks alone cannot fill the
 # GPU: below it one program's iteration (2 * BLOCK_B * d^2 flops) costs about what a launch does.
 SINGLE_LAUNCH_MAX_DIM = 512
-
-
-# ----------------------------------------------------------------------------------------- jit helpers
-
-
-@triton.jit
-def _activation(x, ACT: tl.constexpr):
-    """act(x) in float32 for ``kernel_id`` ACT: 0 tanh, 1 softsign, 2 relu6, 3 sigmoid.
-
-    No libdevice (the interpreter has none): tanh and sigmoid come from ``exp``. For ``|x| >= 0.625``
-    ``tanh|x| = (1 - e) / (1 + e)`` with ``e = exp(-2|x|) <= 0.29`` (no overflow, and the cancellation
-    in ``1 - e`` at most doubles exp's error, which is a few ulp on GPUs: ``ex2.approx``). Below 0.625
-    that cancellation grows without bound as ``x -> 0``, so ``tanh x = x + x^3 P(x^2)`` there, with P of
-    degree 5 fitted for this project (weighted least squares of ``(tanh(x)/x - 1)/x^2`` on [0, 0.625]
-    in float64): relative error 2e-10 in exact arithmetic, about 1 ulp evaluated in float32.
-    """
-    if ACT == 0:
-        ax = tl.abs(x)
-        xs = tl.minimum(tl.maximum(x, -0.625), 0.625)  # the polynomial's range (no overflow outside it)
-        z = xs * xs
-        p = 0.0021536143280329644
-        p = p * z - 0.00818997083729613
-        p = p * z + 0.02170626131393174
-        p = p * z - 0.05394789002143328
-        p = p * z + 0.1333321614999511
-        p = p * z - 0.33333331108468517
-        t_small = xs + xs * z * p
-        e = tl.exp(-2.0 * ax)
-        t_big = (1.0 - e) / (1.0 + e)
-        t_big = tl.where(x < 0.0, -t_big, t_big)
-        y = tl.where(ax < 0.625, t_small, t_big)
-    elif ACT == 1:
-        y = x / (1.0 + tl.abs(x))
-    elif ACT == 2:
-        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
-    else:
-        y = 1.0 / (1.0 + tl.exp(-x))
-    return y
-
-
-@triton.jit
-def _epilogue(acc, bias, scale, ACT: tl.constexpr):
-    """The map's elementwise tail: ``act(acc + bias)``, or ``scale * (acc + bias)`` for the adjoint."""
-    if ACT == -1:  # ADJOINT (a literal: jit code reads only constexpr globals)
-        y = scale * (acc + bias)
-    else:
-        y = _activation(acc + bias, ACT)
-    return y
-
-
-@triton.jit
-def _relative_residual(diff_sq, norm_sq):
-    """``||x_{k+1} - x_k|| / (||x_{k+1}|| + 1e-5)`` from the two squared norms."""
-    return tl.sqrt(diff_sq) / (tl.sqrt(norm_sq) + _EPS)
-
-
-@triton.jit
-def _any(mask):
-    """Whether any entry of a boolean vector is set (a scalar the loop conditions can test)."""
-    return tl.max(mask.to(tl.int32), axis=0) > 0
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -750,7 +691,6 @@ _ARG_TYPES = {
     "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32", "active_ptr": "*i32",
     "B": "i32", "d": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
 }
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 KERNELS = {"onchip": _solve_onchip_kernel, "scratch": _solve_scratch_kernel, "step": _step_kernel}
 
 
@@ -774,7 +714,7 @@ def aot_plan(full: bool = False) -> list[dict]:
     adjoint epilogue in float32 (the most registers on chip: it keeps D as well as v) and tanh in
     bfloat16, plus, on sm_90, every (epilogue, dtype) pair for each kernel's first config: about 170.
     """
-    pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in _TRITON_DTYPES]
+    pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in aot.TRITON_DTYPES]
     plan = []
     for capability in AOT_CAPABILITIES:
         for precision in PRECISIONS:
@@ -803,44 +743,14 @@ def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precisi
     """Compile one kernel configuration for ``sm_<capability>`` without a GPU; return its resource use.
 
     Returns ``{"registers", "spill_bytes" (per-thread local memory: 0 means no spills), "shared" (bytes
-    of shared memory), "num_warps", "num_stages"}``; registers and local memory are read from the cubin
-    with ``cuobjdump --dump-resource-usage`` (``CompiledKernel.n_regs``/``n_spills`` need a driver).
+    of shared memory), "num_warps", "num_stages"}`` (``aot.compile_for_gpu``).
     """
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = KERNELS[kernel].fn
-    weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(fn.arg_names):
-        role = _ARG_TYPES.get(name, "constexpr")
-        if role == "W1":
-            role = "constexpr" if name == weight_unit_stride else "i32"
-            if name == weight_unit_stride:
-                constexprs[name] = 1
-        signature[name] = role.replace("T", _TRITON_DTYPES[dtype])
-        if role.startswith("*"):
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-    constexprs.update(ACT=act_id, PRECISION=precision, **config.kwargs)
+    constexprs = dict(ACT=act_id, PRECISION=precision, **config.kwargs)
     if kernel == "onchip":
         constexprs.update(D_PAD=d_pad)
     if kernel in ("onchip", "scratch"):
         constexprs.update(HAS_X0=False)
     if kernel == "step":
         constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute)
-    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
-    return {"registers": regs, "spill_bytes": local, "shared": compiled.metadata.shared,
-            "num_warps": config.num_warps, "num_stages": config.num_stages}
+    weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
+    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config, capability)
