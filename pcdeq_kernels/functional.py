@@ -14,6 +14,7 @@ No autograd graph is kept across iterations: memory does not grow with the itera
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional
 
@@ -117,15 +118,25 @@ def _check_options(tol, max_iter, stop, backward, backward_tol, backward_max_ite
         raise ValueError(f"on_nonconvergence must be one of {ops.NONCONVERGENCE_POLICIES}, got {on_nonconvergence!r}")
 
 
+def _without_autocast(x: Tensor):
+    """The solves run in the precision of their inputs (half inputs are solved in float32, exactly as
+    without autocast), never autocast's: autocast stays on inside autograd Functions and custom ops and
+    would recast the solvers' own convolutions and matmuls to float16/bfloat16."""
+    if x.device.type in ("cpu", "cuda"):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _FixedPoint(torch.autograd.Function):
     """Forward: one ``forward_solve`` op. Backward: one ``adjoint_solve`` op (or JFB)."""
 
     @staticmethod
     def forward(ctx, u, weight, z0, config, stats_out):
-        z, its, res, conv = ops.forward_solve(
-            u, weight, z0, config["activation"], config["tol"], config["max_iter"], config["stop"],
-            config["backend"], config["on_nonconvergence"],
-        )
+        with _without_autocast(u):
+            z, its, res, conv = ops.forward_solve(
+                u, weight, z0, config["activation"], config["tol"], config["max_iter"], config["stop"],
+                config["backend"], config["on_nonconvergence"],
+            )
         ctx.config = config
         ctx.stats_out = stats_out
         ctx.save_for_backward(u, weight, z)
@@ -135,6 +146,11 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # double backward would need the adjoint's own derivative: a clear error instead
     def backward(ctx, grad_z, *_):
+        with _without_autocast(grad_z):
+            return _FixedPoint._backward(ctx, grad_z)
+
+    @staticmethod
+    def _backward(ctx, grad_z):
         u, weight, z = ctx.saved_tensors
         cfg = ctx.config
         if z.dim() == 4:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -94,7 +95,13 @@ class _PCDEQLayer(nn.Module):
         self.weight_param.project_()
 
     def solve(self, u: Tensor) -> Tensor:
-        z, self.stats = fixed_point(u, self.weight, self.activation, backend=self.backend, **self.solver_options)
+        weight = self.weight
+        if weight.dtype != u.dtype and torch.is_autocast_enabled(u.device.type):
+            # Under autocast the layer's input arrives in the autocast dtype while W stays float32: the
+            # layer then runs with W in the input's dtype, as autocast runs a linear or conv layer (the
+            # solve itself still iterates in float32, as for any half-precision input).
+            weight = weight.to(u.dtype)
+        z, self.stats = fixed_point(u, weight, self.activation, backend=self.backend, **self.solver_options)
         return z
 
     def extra_repr(self) -> str:

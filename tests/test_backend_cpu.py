@@ -496,3 +496,15 @@ def test_conv_opcheck_both_ops(dtype):
             torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (x, w, None, 0, 1e-6, 100, batch_stop))
     v, w, D = adjoint_problem(2, 3, "tanh", dtype, conv_hw=(4, 5))
     torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, False))
+
+
+def test_ops_ignore_autocast_when_called_directly():
+    # the kernels exclude autocast for their own convolutions and matmuls (csrc/include/pcdeq/op_checks.h):
+    # called straight through torch.ops under autocast they give the plain float32 answer
+    for conv_hw in (None, (5, 6)):
+        u, w = make_problem(3, 6, "tanh", dtype=torch.float32, conv_hw=conv_hw)
+        plain = torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-4, 100, False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-4, 100, False)
+        for g, e in zip(got, plain):
+            assert torch.equal(g, e)

@@ -12,7 +12,7 @@ from pcdeq_kernels.models import DATASETS, PAPER_WIDTHS, paper_model
 from pcdeq_kernels.modules import default_injection, project_
 from pcdeq_kernels.parametrizations import PARAMETRIZATIONS, make_parametrization
 
-from problems import ALL_ACTIVATIONS
+from problems import ALL_ACTIVATIONS, make_problem
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
@@ -124,3 +124,42 @@ def test_project_helper_reaches_nested_layers():
         model[1].weight_param.weight.fill_(-1.0)
     project_(model)
     assert (model[1].weight == 0).all()
+
+
+# --- autocast ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("conv_hw", [None, (5, 6)], ids=["dense", "conv"])
+def test_autocast_does_not_recast_the_solves(backend, conv_hw):
+    # the solvers' own matmuls/convolutions would otherwise run in bfloat16 inside the ops (autocast
+    # stays on inside custom ops): the answer and the gradients must be those of the same float32 inputs
+    if backend not in [name for name, ok in pk.available_backends().items() if ok]:
+        pytest.skip(f"backend {backend!r} is not built here")
+    u, w = make_problem(3, 6, "tanh", dtype=torch.float32, conv_hw=conv_hw, weight_scale=0.6)
+    results = []
+    for enabled in (False, True):
+        uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            z, stats = pk.fixed_point(uu, ww, "tanh", backend=backend)
+            grads = torch.autograd.grad(z.square().sum(), (uu, ww))
+        assert z.dtype == torch.float32 and stats.backend == backend
+        results.append((z, *grads))
+    for plain, autocast in zip(*results):
+        torch.testing.assert_close(autocast, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["linear", "single_conv"])
+def test_paper_networks_train_under_autocast(name):
+    # under autocast the pcDEQ layer's input is bfloat16 while W is a float32 parameter: the layer
+    # runs with W in bfloat16 (as autocast runs nn.Linear/nn.Conv2d) and the solve in float32
+    torch.manual_seed(0)
+    model = paper_model(name, "mnist")
+    x = torch.randn(4, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    layer = model.pcdeq_layers()[0]
+    assert layer.stats.converged.all() and (layer.stats.backward_iterations > 0).all()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)

@@ -369,6 +369,7 @@ SolveOutputs forward_solve(
     int64_t max_iter,
     bool batch_stop) {
   constexpr const char* op = "pcdeq_C::forward_solve";
+  const NoAutocastGuard no_autocast;
   check_problem(op, "u", u, weight);
   check_options(op, tol, max_iter);
   check_activation(op, activation);
@@ -397,6 +398,7 @@ SolveOutputs adjoint_solve(
     int64_t max_iter,
     bool batch_stop) {
   constexpr const char* op = "pcdeq_C::adjoint_solve";
+  const NoAutocastGuard no_autocast;
   check_problem(op, "v", v, weight);
   check_options(op, tol, max_iter);
   check_like(op, "D", D, v, "v");

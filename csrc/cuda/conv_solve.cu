@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
   __threadfence();
   S td = S(0);
   S tn = S(0);
-  for (int j = threadIdx.x; j < p.working; j += kEpilogueThreads) {
+  for (int64_t j = threadIdx.x; j < p.working; j += kEpilogueThreads) {
     td += __ldcg(p.image_sums + 2 * static_cast<size_t>(j));
     tn += __ldcg(p.image_sums + 2 * static_cast<size_t>(j) + 1);
   }
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
   }
   __syncthreads();
   if (last_s) {
-    for (int b = threadIdx.x; b < p.batch; b += kEpilogueThreads) {
+    for (int64_t b = threadIdx.x; b < p.batch; b += kEpilogueThreads) {
       p.converged[b] = true;
     }
   }
@@ -357,8 +357,9 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
 // The status block before the first step: every image active with infinite residuals.
 template <typename S>
 __global__ void conv_status_init_kernel(StatusHead<S>* head, S* residual, S* residual_prev, uint8_t* active, int batch) {
-  const int stride = static_cast<int>(gridDim.x * blockDim.x);
-  for (int b = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); b < batch; b += stride) {
+  // 64-bit: b + stride must not wrap for a batch near INT_MAX
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < batch; b += stride) {
     residual[b] = S(INFINITY);
     residual_prev[b] = S(INFINITY);
     active[b] = 1;
@@ -471,6 +472,7 @@ SolveOutputs run_conv(const ConvProblem& pr) {
   const int device = pr.x0.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
   const S tol = static_cast<S>(pr.tol);  // the reference compares r < tol in the state dtype
+  check_not_capturing(stream);
   const int max_iter = static_cast<int>(std::min<int64_t>(pr.max_iter, INT_MAX));
 
   at::Tensor home = pr.x0;  // (B, n): every image's state; the working set's rows live in xw until written back
@@ -520,8 +522,8 @@ SolveOutputs run_conv(const ConvProblem& pr) {
 
   const std::array<int64_t, 2> ones{1, 1};  // stride, padding and dilation
   at::Tensor pinned;  // host copy of the status block, allocated at the first check
-  int next_check = schedule.first();
-  for (int step = 0; step < max_iter;) {
+  int64_t next_check = schedule.first();
+  for (int64_t step = 0; step < max_iter;) {
     const at::Tensor y = to_rows(
         at::conv2d(to_images(xo, shape), pr.w, std::optional<at::Tensor>(), ones, ones, ones, 1), shape);
     TORCH_INTERNAL_ASSERT(y.scalar_type() == pr.w.scalar_type() && y.size(0) == working);
@@ -592,7 +594,7 @@ SolveOutputs run_conv(const ConvProblem& pr) {
         working = target;
       }
     }
-    next_check = step + std::max(1, gap);
+    next_check = step + std::max(1, gap);  // int64: no overflow for a huge PCDEQ_CUDA_CHECK_EVERY
   }
   if (slots.defined()) {
     home.index_copy_(0, slots, xw);

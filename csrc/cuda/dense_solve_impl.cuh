@@ -30,6 +30,7 @@
 
 #include "dense_kernels.cuh"
 #include "dense_solve.cuh"
+#include "op_checks.cuh"
 
 namespace pcdeq::cuda {
 
@@ -108,6 +109,7 @@ SolveOutputs run_dense(const DenseProblem& pr) {
   }
 
   // --- stepwise ---
+  check_not_capturing(stream);
   at::Tensor x = at::zeros({2, batch, dp}, options);  // padding columns stay 0 forever
   x[0].narrow(1, 0, d).copy_(pr.x0);
   at::Tensor ops;  // the operand copies (HalfEngine)

@@ -19,6 +19,7 @@
 
 namespace pcdeq::cuda {
 
+using pcdeq::NoAutocastGuard;
 using pcdeq::check_activation;
 using pcdeq::check_conv_shapes;
 using pcdeq::check_dense_shapes;
@@ -29,6 +30,18 @@ using pcdeq::state_dtype;
 // Device and dtype of the input `name` (u or v) and the weight; shapes are the caller's.
 inline void check_tensors(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
   check_device_and_dtype(op, "cuda", c10::DeviceType::CUDA, name, x, weight);
+}
+
+// The loops that read convergence flags on the host every few steps (the dense stepwise loop, the
+// conv loop) cannot be captured in a CUDA graph: say so instead of failing inside the capture.
+inline void check_not_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  TORCH_CHECK(
+      status == cudaStreamCaptureStatusNone,
+      "pcdeq cuda: this solve reads convergence flags on the host every few steps and cannot be captured in a "
+      "CUDA graph (torch.cuda.graph, torch.compile(mode=\"reduce-overhead\")); run the pcDEQ layer outside the "
+      "graph, or for dense problems that fit on chip force the single-launch solve (PCDEQ_CUDA_PATH=single)");
 }
 
 inline void check_capability(const char* op, const at::Device& device) {

@@ -139,6 +139,7 @@ SolveOutputs forward_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
+  const NoAutocastGuard no_autocast;  // covers the conv path's cuDNN calls too
   if (weight.dim() == 4) {
     return conv_forward_solve(u, weight, z0, activation, tol, max_iter, batch_stop);
   }
@@ -176,6 +177,7 @@ SolveOutputs adjoint_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
+  const NoAutocastGuard no_autocast;  // covers the conv path's cuDNN calls too
   if (weight.dim() == 4) {
     return conv_adjoint_solve(v, weight, D, tol, max_iter, batch_stop);
   }

@@ -1,9 +1,12 @@
 // Input checks of pcdeq_C::forward_solve / adjoint_solve shared by the CPU (csrc/cpu/solver.cpp) and
-// CUDA (csrc/cuda/) kernels, so that every compiled backend rejects a bad call with the same message.
-// Host code only (ATen). Each check names the op, the argument and the fix.
+// CUDA (csrc/cuda/) kernels, so that every compiled backend rejects a bad call with the same message,
+// and the dispatch state the kernels run in. Host code only (ATen). Each check names the op, the
+// argument and the fix.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -12,6 +15,14 @@
 #include <pcdeq/activations.h>
 
 namespace pcdeq {
+
+// Held by each op's kernel for the whole solve. Autocast stays enabled inside a custom op's kernel, so
+// the solvers' own tensor ops (torch's convolutions and matmuls) would be recast to float16/bfloat16
+// under torch.autocast; the solvers' precision is set by their inputs' dtypes instead (as the
+// reference's: half inputs are solved in float32).
+struct NoAutocastGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // The solver's state dtype: float64 stays float64, the rest is solved in float32 (as the reference).
 inline at::ScalarType state_dtype(at::ScalarType dtype) {
