@@ -53,5 +53,7 @@ def test_conv_grid_times_the_cpu_backend_on_conv_problems(tmp_path, capsys):
     assert {r["path"] for r in rows} == {"official", "reference", "cpu"} and rows[0]["shape"] == [3, 4, 5, 6]
     # flops per iteration: 2 B C H W (9 C)
     assert all(r["flops"] == pytest.approx(2 * 3 * 4 * 5 * 6 * 36 * r["forward_iterations"]) for r in rows)
+    # the convergence illustration is a dense problem: not part of a conv-only report
+    assert json.loads(json_file.read_text())["convergence"] is None and len(list(tmp_path.glob("*.png"))) == 1
     with pytest.raises(SystemExit):
         main(["--shapes", "3x4x5"])

@@ -50,7 +50,9 @@ def main(argv=None) -> int:
     )
     result["command"] = "python -m pcdeq_kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_table(result))
-    for path in write_outputs(result, convergence_history(activation=args.activation), args.out):
+    dense = any(len(shape) == 2 for shape in shapes)  # the convergence illustration is a dense problem
+    history = convergence_history(activation=args.activation) if dense else None
+    for path in write_outputs(result, history, args.out):
         print(f"wrote {path}")
     return 0
 

@@ -212,7 +212,9 @@ def convergence_history(batch=64, dim=80, *, activation="tanh", steps=40, seed=0
     return hist
 
 
-def write_outputs(result: dict, history: dict, out_dir: str | Path) -> list[Path]:
+def write_outputs(result: dict, history: dict | None, out_dir: str | Path) -> list[Path]:
+    """The JSON (with ``history``, the dense convergence illustration, when given), the speedup plot
+    and, with a history, the convergence plot."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = (result["machine"].get("gpu") or "cpu").replace(" ", "_")
@@ -247,6 +249,8 @@ def write_outputs(result: dict, history: dict, out_dir: str | Path) -> list[Path
     speed_path = out / f"{stem}-speedup.png"
     fig.savefig(speed_path, dpi=110)
     plt.close(fig)
+    if history is None:
+        return written + [speed_path]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for key, style in (("forward_error", "-"), ("forward_residual", ":"), ("adjoint_error", "--")):
         ax.semilogy(history["k"], history[key], style, label=key.replace("_", " "))
