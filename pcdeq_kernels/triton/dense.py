@@ -42,9 +42,10 @@ on its own. Three kernels:
 Matmul precision (``resolve_precision``): ``"ieee"`` (exact float32, the default, as torch's
 ``"highest"``) or ``"tf32"`` (tensor cores). Triton lowers an ieee ``tl.dot`` to FMAs with each
 thread's operand slices in registers, so the tiled kernels' ieee configs use K blocks of 16 and the
-on-chip kernel's ieee configs smaller row blocks. Configurations (block sizes, warps, stages) are
-autotuned on the GPU among ones that compile without register spills for sm_80 and sm_90
-(``aot_plan``/``aot_compile``; checked by the tests).
+on-chip kernel's ieee configs fewer state values per thread (smaller row blocks, or 16 warps at
+D_PAD = 128). Configurations (block sizes, warps, stages) are autotuned on the GPU among ones that
+compile without register spills for sm_80 and sm_90 under Triton 3.6 and 3.9 (``aot_plan``/
+``aot_compile``; checked by the tests).
 """
 
 from __future__ import annotations
@@ -103,37 +104,49 @@ def _configs(entries, names):
 
 
 # (BLOCK_B, num_warps, num_stages); pruned by _onchip_fits.
-ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1)], ("BLOCK_B",))
+ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 16, 1)], ("BLOCK_B",))
 # (BLOCK_B, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K = 16 serves PRECISION="ieee": Triton's
 # fp32 FMA dot holds each thread's slice of both operands for the whole K block in registers, which
 # spills beyond 16; the tensor-core ("tf32") configs take 32 (_prune_tiles). Every config listed
-# compiles without spills for sm_80 and sm_90 with every epilogue and operand dtype
-# (tests/test_backend_triton.py); the others tried (larger tiles, some 4-warp shapes) did not.
+# compiles without spills for sm_80 and sm_90 with every epilogue and operand dtype, under Triton 3.6
+# and 3.9 (tests/test_backend_triton.py). Many nearby ones do not, in one version or the other: ptxas
+# often caps a kernel at an occupancy step (80, 128 or 168 registers) and spills 8 bytes to get there;
+# so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages) give way to 16 x 128 and
+# 32 x 64 tiles over 16 warps, and the step kernel's tf32 64 x 128 tile to 32 x 128.
 SCRATCH_CONFIGS = _configs(
     [(16, 64, 32, 4, 2), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
-     (16, 32, 16, 8, 2), (32, 32, 16, 4, 2), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
+     (16, 128, 16, 16, 1), (32, 64, 16, 16, 1), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
 )
 STEP_CONFIGS = _configs(
-    [(16, 64, 32, 4, 3), (16, 128, 32, 8, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+    [(16, 64, 32, 4, 3), (16, 128, 32, 16, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
      (16, 64, 16, 4, 3), (32, 64, 16, 8, 3), (64, 64, 16, 8, 3), (32, 128, 16, 8, 3)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
 )
 ONCHIP_MAX_DIM = 128  # largest padded d the on-chip kernel takes (M: 64 KB of fp32 in shared memory)
 
+# The on-chip configs (BLOCK_B, num_warps) that compile without register spills, by precision and
+# D_PAD (the AOT compiles: sm_80 and sm_90, every epilogue and dtype, Triton 3.6 and 3.9). The
+# pattern: the state tile (BLOCK_B, D_PAD) may spread at most 16 fp32 values per thread under tf32,
+# 8 under ieee (the FMA dot holds more operand values); 4 warps serve only tiles up to 16 x 32; 16
+# warps only D_PAD = 128, where ieee needs them: 16 x 128 over 8 warps spills hundreds of bytes under
+# Triton 3.6. Two tiles within the ieee rule spill a few bytes at an occupancy step ptxas picks (80
+# registers), each in one version: 32 x 32 over 8 warps (3.6) and 64 x 16 over 8 warps (3.9).
+_ONCHIP_FITS = {
+    ("ieee", 16): {(16, 4), (16, 8), (32, 8)},
+    ("ieee", 32): {(16, 4), (16, 8), (64, 8)},
+    ("ieee", 64): {(16, 8), (32, 8)},
+    ("ieee", 128): {(32, 16)},
+    ("tf32", 16): {(16, 4), (16, 8), (32, 8), (64, 8)},
+    ("tf32", 32): {(16, 4), (16, 8), (32, 8), (64, 8)},
+    ("tf32", 64): {(16, 8), (32, 8), (64, 8)},
+    ("tf32", 128): {(16, 8), (32, 8), (32, 16)},
+}
+
 
 def _onchip_fits(block_b: int, d_pad: int, num_warps: int, precision: str) -> bool:
-    """Whether an on-chip config compiles without register spills, by the rule the AOT compiles bear
-    out (sm_80 and sm_90, every epilogue and dtype): the state tile (BLOCK_B, D_PAD) may spread at most
-    16 fp32 values per thread under tf32, 8 under ieee (the FMA dot holds more operand values), over 8
-    warps. Exceptions, all a few bytes spilled at moderate register counts (Triton 3.9 runs ptxas with
-    --regAllocOptLevel=2): 4 warps from 16 x 64 tiles on, so they serve only tiles up to 16 x 32;
-    BLOCK_B = 64 under ieee (at D_PAD = 16, half-precision operands), so ieee stops at BLOCK_B = 32."""
-    if num_warps < 8:
-        return block_b <= 16 and d_pad <= 32
-    if precision == "ieee":
-        return block_b <= 32 and block_b * d_pad <= 8 * 32 * num_warps
-    return block_b * d_pad <= 16 * 32 * num_warps
+    """Whether an on-chip config compiles without register spills (``_ONCHIP_FITS``)."""
+    return (block_b, num_warps) in _ONCHIP_FITS.get((precision, d_pad), ())
 
 
 def _arg(named_args, kwargs, name):
