@@ -11,11 +11,8 @@ Tolerances: float32 states agree with the reference to a few ulp amplified by th
 agree exactly except where a residual sits within 1% of ``tol`` (summation order decides those).
 """
 
-import json
 import math
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -30,7 +27,7 @@ import pcdeq_kernels as pk  # noqa: E402
 from pcdeq_kernels import reference  # noqa: E402
 from pcdeq_kernels.activations import get_activation  # noqa: E402
 from pcdeq_kernels.backends import triton as triton_backend  # noqa: E402
-from pcdeq_kernels.triton import dense  # noqa: E402
+from pcdeq_kernels.triton import aot, dense  # noqa: E402
 from pcdeq_kernels.triton.dense import _activation  # noqa: E402
 
 from problems import ALL_ACTIVATIONS, make_problem  # noqa: E402
@@ -405,47 +402,16 @@ def test_single_launch_beats_the_reference_loop_on_gpu():
 
 # ------------------------------------------------------------------------------ ahead-of-time compiles
 
-_AOT_WORKER = """
-import json, sys, torch
-from pcdeq_kernels.triton import dense
-shard, shards, full = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-plan = dense.aot_plan(full=full)
-print(json.dumps({"planned": len(plan)}), flush=True)
-for i, job in enumerate(plan):
-    if i % shards != shard:
-        continue
-    result = dense.aot_compile(**job)
-    label = dict(job, config=str(job["config"]), dtype=str(job["dtype"]))
-    print(json.dumps(dict(label, **result)), flush=True)
-"""
+AOT_FULL = os.environ.get("PCDEQ_AOT_FULL") == "1"  # the whole product, not the default plan
+NO_NVIDIA_TOOLS = "Triton's NVIDIA tools (ptxas, cuobjdump) are not installed"
 
 
-def _cuobjdump_available():
-    try:
-        return os.path.exists(triton.knobs.nvidia.cuobjdump.path)
-    except Exception:  # older Triton without knobs, or no NVIDIA backend
-        return False
-
-
-@pytest.mark.skipif(not _cuobjdump_available(), reason="Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
+@pytest.mark.skipif(not aot.cuobjdump_available(), reason=NO_NVIDIA_TOOLS)
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills():
     """Compile every configuration (dense.aot_plan; PCDEQ_AOT_FULL=1 for the whole product) with the
     real compiler, outside the interpreter, two processes in parallel; check spills and shared memory."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default today; silences Triton 3.9's notice
-    full = os.environ.get("PCDEQ_AOT_FULL", "0")
-    shards = 2
-    workers = [subprocess.Popen([sys.executable, "-c", _AOT_WORKER, str(i), str(shards), full], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(shards)]
-    results, planned = [], set()
-    for p in workers:
-        out, err = p.communicate(timeout=1800)
-        assert p.returncode == 0, err[-4000:]
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        planned.add(lines[0]["planned"])
-        results += lines[1:]
-    # (this process runs the interpreter, which keeps one config per kernel: the workers count the plan)
-    assert len(planned) == 1 and len(results) == planned.pop() > 100
+    results = aot.compile_plan_in_workers("dense", full=AOT_FULL)
+    assert len(results) > 100
     spilled = [r for r in results if r["spill_bytes"] != 0]
     assert not spilled, "register spills:\n" + "\n".join(map(str, spilled))
     too_big = [r for r in results if r["shared"] > dense.SHARED_MEMORY_LIMIT[r["capability"]]]

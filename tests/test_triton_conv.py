@@ -17,11 +17,7 @@ float16 results to one float16 eps (both sides round the same float32 solution o
 exactly, except off by one where the deciding residual is within 1% of tol.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,15 +29,16 @@ import pcdeq_kernels as pk  # noqa: E402
 from pcdeq_kernels import reference  # noqa: E402
 from pcdeq_kernels.activations import get_activation  # noqa: E402
 from pcdeq_kernels.backends import triton as triton_backend  # noqa: E402
-from pcdeq_kernels.triton import conv, dense  # noqa: E402
+from pcdeq_kernels.triton import aot, conv, dense  # noqa: E402
 
 from problems import ALL_ACTIVATIONS, adjoint_map, forward_map, make_problem  # noqa: E402
 from test_backend_triton import (  # noqa: E402
+    AOT_FULL,
     DEVICE,
     GPU,
+    NO_NVIDIA_TOOLS,
     _assert_close_rel,
     _assert_solve_matches,
-    _cuobjdump_available,
     _residual_history,
 )
 
@@ -321,43 +318,9 @@ def test_tf32_on_gpu(path):
 
 # ------------------------------------------------------------------------------ ahead-of-time compiles
 
-# One worker process per shard compiles its share of ``<module>.aot_plan()`` outside the interpreter
-# (test_backend_triton.py does the same for dense.py) and prints one JSON line per compile.
-_AOT_WORKER = """
-import importlib, json, sys
-module = importlib.import_module("pcdeq_kernels.triton." + sys.argv[1])
-shard, shards, full = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-plan = module.aot_plan(full=full)
-print(json.dumps({"planned": len(plan)}), flush=True)
-for job in plan[shard::shards]:
-    label = dict(job, config=str(job["config"]), dtype=str(job["dtype"]))
-    print(json.dumps(dict(label, **module.aot_compile(**job))), flush=True)
-"""
-
-
-def compile_plan_in_workers(module: str, shards: int = 2) -> list[dict]:
-    """Every compile of ``pcdeq_kernels.triton.<module>.aot_plan()`` (``PCDEQ_AOT_FULL=1``: the whole
-    product), in ``shards`` processes without TRITON_INTERPRET; their resource reports."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default today; silences Triton 3.9's notice
-    full = os.environ.get("PCDEQ_AOT_FULL", "0")
-    workers = [subprocess.Popen([sys.executable, "-c", _AOT_WORKER, module, str(i), str(shards), full], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(shards)]
-    results, planned = [], set()
-    for p in workers:
-        out, err = p.communicate(timeout=1800)
-        assert p.returncode == 0, err[-4000:]
-        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        planned.add(lines[0]["planned"])
-        results += lines[1:]
-    # (this process runs the interpreter, which keeps one config per kernel: the workers count the plan)
-    assert len(planned) == 1 and len(results) == planned.pop()
-    return results
-
-
-@pytest.mark.skipif(not _cuobjdump_available(), reason="Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
+@pytest.mark.skipif(not aot.cuobjdump_available(), reason=NO_NVIDIA_TOOLS)
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills():
-    results = compile_plan_in_workers("conv")
+    results = aot.compile_plan_in_workers("conv", full=AOT_FULL)
     kernels = {(r["kernel"], r["precision"], r["capability"], r["aligned"]) for r in results}
     assert len(kernels) == 2 * 2 * 2 * 2 and len(results) > 50  # both kernels, precisions, targets, alignments
     # A launch with C, H, W and B multiples of 16 compiles the "aligned" variant (vectorised loads, far

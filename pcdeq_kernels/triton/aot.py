@@ -4,8 +4,11 @@ register spills and within shared memory (dense.aot_compile, conv.aot_compile)."
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import torch
@@ -49,3 +52,48 @@ def compile_for_gpu(fn, arg_types: dict, constexprs: dict, unit_stride: str, dty
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1)) + int(re.search(r"STACK:(\d+)", usage).group(1))
     return {"registers": regs, "spill_bytes": local, "shared": compiled.metadata.shared,
             "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+# One worker process per shard compiles its share of ``<module>.aot_plan()`` and prints one JSON line
+# per compile (after a first line with the plan's length).
+_WORKER = """
+import importlib, json, sys
+module = importlib.import_module("pcdeq_kernels.triton." + sys.argv[1])
+shard, shards, full = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+plan = module.aot_plan(full=full)
+print(json.dumps({"planned": len(plan)}), flush=True)
+for job in plan[shard::shards]:
+    label = dict(job, config=str(job["config"]), dtype=str(job["dtype"]))
+    print(json.dumps(dict(label, **module.aot_compile(**job))), flush=True)
+"""
+
+
+def cuobjdump_available() -> bool:
+    """Whether this Triton carries its NVIDIA tools (ptxas, cuobjdump), which ``compile_for_gpu`` needs."""
+    try:
+        return os.path.exists(triton.knobs.nvidia.cuobjdump.path)
+    except Exception:  # older Triton without knobs, or no NVIDIA backend
+        return False
+
+
+def compile_plan_in_workers(module: str, full: bool = False, shards: int = 2, timeout: float = 1800) -> list[dict]:
+    """Every compile of ``pcdeq_kernels.triton.<module>.aot_plan(full)``, split over ``shards``
+    processes (the compiles are CPU-bound) that run without ``TRITON_INTERPRET``, so that they compile
+    for real even when the caller runs the interpreter. Returns one dict per compile: the job's
+    keywords (config and dtype as strings) and ``aot_compile``'s report."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default today; silences Triton 3.9's notice
+    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, module, str(i), str(shards), str(int(full))],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for i in range(shards)]
+    results, planned = [], set()
+    for p in workers:
+        out, err = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"an AOT compile worker for {module} failed:\n{err[-4000:]}")
+        lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        planned.add(lines[0]["planned"])
+        results += lines[1:]
+    if len(planned) != 1 or len(results) != planned.pop():
+        raise RuntimeError(f"the AOT compile workers for {module} did not cover the plan")
+    return results

@@ -64,7 +64,9 @@ from ..activations import get_activation
 from . import aot
 
 # The map's epilogue and the residual, shared with the convolutional kernels (conv.py).
-from .epilogue import ADJOINT, _activation, _any, _epilogue, _relative_residual  # noqa: F401
+from .epilogue import (  # noqa: F401
+    ADJOINT, _activation, _any, _close_previous_step, _epilogue, _initial_state, _next_state, _relative_residual,
+)
 
 
 def _interpreting() -> bool:
@@ -203,12 +205,7 @@ def _solve_onchip_kernel(
         scale = tl.load(scale_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         scale = bias  # unused by the forward epilogue
-    if HAS_X0:
-        x = tl.load(x0_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
-    elif ACT == -1:
-        x = scale * bias  # h_0 = D * v
-    else:
-        x = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    x = _initial_state(x0_ptr + first, bias_ptr + first, scale_ptr + first, offs, mask, HAS_X0, ACT, BLOCK_B, D_PAD)
     # The operand is loop-invariant: loaded once (the compiler keeps it in shared memory), zero outside
     # (d, d) so that padded columns contribute nothing.
     w = tl.load(
@@ -288,13 +285,7 @@ def _solve_scratch_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < d)[None, :]
         offs = lrows[:, None] * d + cols[None, :]
-        if HAS_X0:
-            x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        elif ACT == -1:
-            x = (tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                 * tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        else:
-            x = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        x = _initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0, ACT, BLOCK_B, BLOCK_N)
         tl.store(buf_ptr + offs, x, mask=mask)
     tl.debug_barrier()
 
@@ -313,12 +304,7 @@ def _solve_scratch_kernel(
             acc = _matmul_tile(src, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
             mask = row_ok[:, None] & (cols < d)[None, :]
             offs = lrows[:, None] * d + cols[None, :]
-            bias = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if ACT == -1:
-                scale = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                scale = bias
-            x_new = tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+            x_new = _next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT)
             x_old = tl.load(src + offs, mask=mask, other=0.0)
             diff = x_new - x_old
             diff_sq += tl.sum(diff * diff, axis=1)
@@ -360,11 +346,10 @@ def _step_kernel(
 ):
     """Step ``t`` of the stepwise solve on a (row block, column tile) grid, plus the bookkeeping of step t-1.
 
-    Buffers (initialised by the launcher): ``sums`` (3, 2, B) fp32, the per-row squared norms of step
-    ``s`` in slot ``s % 3`` (launch ``t`` adds into slot t, reads slot t-1, clears slot t+1); ``tot``
-    (3, 2) the same summed over the batch (``STOP_BATCH``); ``active`` (2, B) int32, slot ``s % 2`` =
-    rows still iterating at the start of step ``s`` (launch ``t`` reads slot t-1, writes slot t; both
-    start at 1). ``COMPUTE=False`` does only the bookkeeping (the launch after the last step).
+    Buffers (initialised by the launcher; both ``active`` slots start at 1): ``sums``, ``tot`` and
+    ``active`` as ``_close_previous_step`` describes them, with rows for samples; this launch adds row
+    block x column tile's squared norms into slot ``t % 3``. ``COMPUTE=False`` does only the
+    bookkeeping (the launch after the last step).
     """
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -375,31 +360,8 @@ def _step_kernel(
     # combining with vector masks: the interpreter turns bool-vector & bool-scalar into integers.)
     records = row_ok & ((rows * 0 + pid_n) == 0)
 
-    # Step t-1 is complete (its launch finished): decide which of its rows stop.
-    act_prev = tl.load(active_ptr + ((t + 1) % 2) * B + rows, mask=row_ok, other=0) != 0
-    if t > 0:
-        prev = sums_ptr + ((t + 2) % 3) * 2 * B
-        r = _relative_residual(tl.load(prev + rows, mask=row_ok, other=0.0),
-                               tl.load(prev + B + rows, mask=row_ok, other=0.0))
-        if STOP_BATCH:
-            t_prev = tot_ptr + ((t + 2) % 3) * 2
-            stop = (r * 0.0 + _relative_residual(tl.load(t_prev), tl.load(t_prev + 1))) < tol
-        else:
-            stop = r < tol
-        act_now = act_prev & ~stop
-        was = records & act_prev
-        tl.store(res_ptr + rows, r, mask=was)
-        tl.store(its_ptr + rows, tl.load(its_ptr + rows, mask=was, other=0) + 1, mask=was)
-    else:
-        act_now = act_prev
-    tl.store(active_ptr + (t % 2) * B + rows, act_now.to(tl.int32), mask=records)
-    nxt = sums_ptr + ((t + 1) % 3) * 2 * B
-    tl.store(nxt + rows, tl.zeros((BLOCK_B,), dtype=tl.float32), mask=records)
-    tl.store(nxt + B + rows, tl.zeros((BLOCK_B,), dtype=tl.float32), mask=records)
-    if STOP_BATCH:
-        two = tl.arange(0, 2)
-        tl.store(tot_ptr + ((t + 1) % 3) * 2 + two, tl.zeros((2,), dtype=tl.float32),
-                 mask=(two * 0 + pid_b + pid_n) == 0)
+    act_now = _close_previous_step(rows, row_ok, records, (pid_b + pid_n) == 0, sums_ptr, tot_ptr, active_ptr,
+                                   its_ptr, res_ptr, B, tol, t, STOP_BATCH)
 
     if COMPUTE:
         first = tl.cast(row0, tl.int64) * d
@@ -410,12 +372,7 @@ def _step_kernel(
         if _any(act_now):
             acc = _matmul_tile(x_in_ptr + first, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION,
                                BLOCK_B, BLOCK_N, BLOCK_K)
-            bias = tl.load(bias_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
-            if ACT == -1:
-                scale = tl.load(scale_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                scale = bias
-            x_new = tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+            x_new = _next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
             x = tl.load(x_in_ptr + first + offs, mask=mask, other=0.0)
             diff = x_new - x
             diff_sq = tl.sum(diff * diff, axis=1)

@@ -73,3 +73,75 @@ def _relative_residual(diff_sq, norm_sq):
 def _any(mask):
     """Whether any entry of a boolean vector is set (a scalar the loop conditions can test)."""
     return tl.max(mask.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0: tl.constexpr, ACT: tl.constexpr,
+                   ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A (ROWS, COLS) tile of the start state in float32: x0 if given, else ``h_0 = D * v`` for the
+    adjoint and ``z_0 = 0`` for the forward map (the reference's defaults)."""
+    if HAS_X0:
+        x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    elif ACT == -1:  # ADJOINT
+        x = (tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+             * tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+    else:
+        x = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    return x
+
+
+@triton.jit
+def _next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT: tl.constexpr):
+    """A tile of the next state from its matmul (or conv) tile: ``act(acc + u)``, or ``D * (acc + v)``
+    for the adjoint, with the tile's bias (and D) loaded here, after the K loop, so that they hold no
+    registers during it. Padded entries stay 0: the epilogue of 0 is not 0 for sigmoid (0.5)."""
+    bias = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT == -1:
+        scale = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        scale = bias  # unused by the forward epilogue
+    return tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+
+
+@triton.jit
+def _close_previous_step(idx, idx_ok, records, first_program, sums_ptr, tot_ptr, active_ptr, its_ptr, res_ptr,
+                         B, tol, t, STOP_BATCH: tl.constexpr):
+    """The stepwise solves' bookkeeping at the start of launch ``t``: which of the samples ``idx`` (a
+    vector of rows, or one image) iterate in step t. Step t-1 is complete (its launch has finished), so
+    its per-sample squared norms decide, by ``reference.iterate``'s rule: a sample active in step t-1
+    takes that step's residual and count, then stops if ``r < tol`` (or, with STOP_BATCH, if the batch
+    residual is; a NaN never counts as converged).
+
+    Buffers: ``sums`` (3, 2, B) fp32, the per-sample squared norms of step ``s`` in slot ``s % 3``
+    (launch t adds into slot t, reads slot t-1, clears slot t+1 here); ``tot`` (3, 2) the same over the
+    batch; ``active`` (2, B) int32, slot ``s % 2`` = samples iterating in step ``s``. Only the programs
+    with ``records`` set write per-sample results (one per sample), and only ``first_program`` clears
+    the batch totals.
+    """
+    act_prev = tl.load(active_ptr + ((t + 1) % 2) * B + idx, mask=idx_ok, other=0) != 0
+    if t > 0:
+        prev = sums_ptr + ((t + 2) % 3) * 2 * B
+        r = _relative_residual(tl.load(prev + idx, mask=idx_ok, other=0.0),
+                               tl.load(prev + B + idx, mask=idx_ok, other=0.0))
+        if STOP_BATCH:
+            t_prev = tot_ptr + ((t + 2) % 3) * 2
+            # (r * 0.0 +: the batch's verdict takes r's shape, vector or scalar)
+            stop = (r * 0.0 + _relative_residual(tl.load(t_prev), tl.load(t_prev + 1))) < tol
+        else:
+            stop = r < tol
+        act_now = act_prev & ~stop
+        was = records & act_prev
+        tl.store(res_ptr + idx, r, mask=was)
+        tl.store(its_ptr + idx, tl.load(its_ptr + idx, mask=was, other=0) + 1, mask=was)
+    else:
+        act_now = act_prev
+    tl.store(active_ptr + (t % 2) * B + idx, act_now.to(tl.int32), mask=records)
+    nxt = sums_ptr + ((t + 1) % 3) * 2 * B
+    zero = (idx * 0).to(tl.float32)
+    tl.store(nxt + idx, zero, mask=records)
+    tl.store(nxt + B + idx, zero, mask=records)
+    if STOP_BATCH:
+        two = tl.arange(0, 2)
+        tl.store(tot_ptr + ((t + 1) % 3) * 2 + two, tl.zeros((2,), dtype=tl.float32),
+                 mask=(two * 0 + first_program.to(tl.int32)) != 0)
+    return act_now
