@@ -5,6 +5,7 @@ Skipped as a whole only when the extension is not built (CI builds it: `pip inst
 tests/problems.py: this backend differs from the reference only in summation order.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -17,17 +18,27 @@ import torch
 
 import pcdeq_kernels as pk
 from pcdeq_kernels import backends, reference
-from pcdeq_kernels.activations import ACTIVATIONS, get_activation
+from pcdeq_kernels.activations import ACTIVATIONS
 from pcdeq_kernels.backends import cpu
 
 from problems import (
     ALL_ACTIVATIONS,
-    TOL,
-    adjoint_map,
     adjoint_problem,
-    check_against_reference,
-    forward_map,
+    check_activation_accuracy,
+    check_adjoint_solve,
+    check_bad_inputs_raise_clear_errors,
+    check_empty_batch,
+    check_forward_solve,
+    check_gradients_match_the_reference_backend,
+    check_inputs_not_modified_and_strides_do_not_matter,
+    check_max_iter_cap,
+    check_nan_residual_never_counts_as_converged,
+    check_ragged_convergence,
+    check_z0_is_the_starting_point,
+    gradcheck_fixed_point,
     make_problem,
+    opcheck_both_ops,
+    ragged_problem,
     unrolled_fixed_point,
 )
 
@@ -38,13 +49,22 @@ HEADER = Path(__file__).parents[1] / "csrc" / "include" / "pcdeq" / "activations
 SHAPES = [(b, d) for b in (1, 7, 33) for d in (1, 5, 80, 131)]
 
 
+@contextlib.contextmanager
+def intra_op_threads(n):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def two_threads():
     """Two intra-op threads, so that the solver splits rows into blocks run by OpenMP workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(2):
+        yield
 
 
 # --- the activation table and the header --------------------------------------------------------
@@ -91,25 +111,6 @@ def test_header_scalar_math_matches_the_activation_table(tmp_path):
         torch.testing.assert_close(got[:, 2 * a.kernel_id + 1], a.derivative(x), rtol=2 * eps, atol=4 * eps)
 
 
-def _one_step(x, activation):
-    """act(x) computed by the backend: one step from z0 = 0 with W = 0 gives act(0 + u), u = x.
-    Rows of 131 run the fused pass's full vectors and its masked last vector."""
-    d = 131
-    n = x.numel()
-    pad = (-n) % d
-    u = torch.cat([x, x.new_zeros(pad)]).view(-1, d)
-    w = x.new_zeros(d, d)
-    z, *_ = torch.ops.pcdeq_C.forward_solve(u, w, None, get_activation(activation).kernel_id, 1e-4, 1, False)
-    return z.flatten()[:n]
-
-
-def _ulps(got, exact, dtype):
-    """|got - exact| in units of the spacing of the dtype at exact (exact given in float64)."""
-    rounded = exact.to(dtype).abs()
-    spacing = (torch.nextafter(rounded, torch.tensor(math.inf, dtype=dtype)) - rounded).double()
-    return (got.double() - exact).abs() / spacing
-
-
 # Error bounds of the backend's formulas (csrc/cpu/vec_activations.h), in ulps of the result: float32
 # tanh from exp or its series, 2; softsign, two rounded operations, 1.5; relu6 exact; sigmoid, a
 # 1-ulp exp then a division (and for x < 0 a product), 2.5. float64 is compared with torch's float64,
@@ -120,17 +121,8 @@ MAX_ULPS = {"tanh": 2.0, "softsign": 1.5, "relu6": 0.0, "sigmoid": 2.5}
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_activation_accuracy(activation, dtype):
-    grid = torch.linspace(-30, 30, 20001, dtype=torch.float64)
-    tiny = torch.logspace(-30, 0, 3001, dtype=torch.float64)
-    x = torch.cat([grid, tiny, -tiny, torch.tensor([0.0, 0.625, -0.625, 6.0, 100.0, -100.0], dtype=torch.float64)])
-    x = x.to(dtype)
-    exact = get_activation(activation).fn(x.double())
-    got = _one_step(x, activation)
-    assert got.dtype == dtype
     bound = MAX_ULPS[activation] + (1.0 if dtype == torch.float64 else 0.0)
-    assert _ulps(got, exact, dtype).max().item() <= bound
-    special = torch.tensor([math.inf, -math.inf, math.nan], dtype=dtype)
-    torch.testing.assert_close(_one_step(special, activation), get_activation(activation).fn(special), equal_nan=True)
+    check_activation_accuracy(activation, dtype, "cpu", bound)
 
 
 # --- forward and adjoint solves against the reference ------------------------------------------
@@ -140,12 +132,9 @@ def test_activation_accuracy(activation, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_forward_solve_matches_reference(activation, dtype, stop):
-    tol = TOL[dtype]
     for seed, (batch, dim) in enumerate(SHAPES):
         u, w = make_problem(batch, dim, activation, dtype=dtype, seed=seed, weight_scale=0.8)
-        got = cpu.forward_solve(u, w, None, activation, tol, 500, stop)
-        want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
-        check_against_reference(got, want, forward_map(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        got, _ = check_forward_solve(cpu, u, w, activation, stop)
         assert got[3].all()
 
 
@@ -153,12 +142,9 @@ def test_forward_solve_matches_reference(activation, dtype, stop):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_adjoint_solve_matches_reference(activation, dtype, stop):
-    tol = TOL[dtype]
     for seed, (batch, dim) in enumerate(SHAPES):
         v, w, D = adjoint_problem(batch, dim, activation, dtype, seed=seed)
-        got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
-        want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-        check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
+        check_adjoint_solve(cpu, v, w, D, stop)
 
 
 @pytest.mark.parametrize("batch,dim", [(257, 131), (12, 1100)])  # the packed kernel; BLAS
@@ -167,14 +153,8 @@ def test_ragged_convergence_and_thread_blocks(stop, batch, dim, two_threads):
     # rows with very different injections converge at very different steps, so the active lists of
     # the row groups (two threads) shrink many times; on the BLAS path the remaining rows are then
     # no longer consecutive and are gathered
-    u, w = make_problem(batch, dim, "softsign", weight_scale=0.95)
-    u = u * torch.logspace(-3, 1, batch, dtype=torch.float64)[:, None]
-    got = cpu.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
-    want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
-    if stop == "sample":
-        assert want[1].unique().numel() > 5  # the point of the test
-    step = forward_map(u, w, "softsign")
-    check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
+    u, w = ragged_problem(batch, dim)
+    check_ragged_convergence(cpu, u, w, stop)
 
 
 # Both matmul paths of csrc/cpu/solver.cpp: the register-blocked kernel (d <= kMaxPackedDim = 1024;
@@ -189,54 +169,30 @@ KERNEL_SHAPES = [(8, 200), (67, 48), (9, 1100)]
 @pytest.mark.parametrize("stop", ["sample", "batch"])
 @pytest.mark.parametrize("batch,dim", KERNEL_SHAPES)
 def test_matmul_paths_and_threads_match_reference(batch, dim, stop, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         for dtype in (torch.float64, torch.float32):
-            tol = TOL[dtype]
             u, w = make_problem(batch, dim, "tanh", dtype=dtype, seed=dim, weight_scale=0.8)
-            got = cpu.forward_solve(u, w, None, "tanh", tol, 500, stop)
-            want = reference.forward_solve(u, w, "tanh", tol=tol, max_iter=500, stop=stop)
-            check_against_reference(got, want, forward_map(u, w, "tanh"), torch.zeros_like(u), tol, stop, dtype)
+            check_forward_solve(cpu, u, w, "tanh", stop)
             v, w, D = adjoint_problem(batch, dim, "tanh", dtype, seed=dim)
-            got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
-            want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-            check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
-    finally:
-        torch.set_num_threads(before)
+            check_adjoint_solve(cpu, v, w, D, stop)
 
 
 def test_max_iter_cap_and_no_convergence():
     u, w = make_problem(9, 17, "tanh", weight_scale=0.9)
-    for stop in ("sample", "batch"):
-        z, its, res, conv = cpu.forward_solve(u, w, None, "tanh", 1e-30, 6, stop)
-        z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "tanh", tol=1e-30, max_iter=6, stop=stop)
-        assert (its == 6).all() and not conv.any() and torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
-        torch.testing.assert_close(z, z_ref, rtol=1e-13, atol=1e-13)
-        torch.testing.assert_close(res, res_ref, rtol=1e-8, atol=0)
+    check_max_iter_cap(cpu, u, w, "tanh", 6)
 
 
 def test_nan_residual_never_counts_as_converged():
     u, w = make_problem(4, 6, "sigmoid")
     u[2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
-    for stop in ("sample", "batch"):
-        z, its, res, conv = cpu.forward_solve(u, w, None, "sigmoid", 1e-6, 50, stop)
-        z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "sigmoid", tol=1e-6, max_iter=50, stop=stop)
-        assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
-        assert res[2].isnan() and not conv[2] and its[2] == 50
-        torch.testing.assert_close(z, z_ref, equal_nan=True)
+    check_nan_residual_never_counts_as_converged(cpu, u, w, "sigmoid")
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])
 def test_z0_is_the_starting_point(stop):
     u, w = make_problem(7, 80, "relu6", weight_scale=0.8)
     z0 = torch.rand_like(u) * 3
-    got = cpu.forward_solve(u, w, z0, "relu6", 1e-9, 500, stop)
-    want = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=500, stop=stop, z0=z0)
-    check_against_reference(got, want, forward_map(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
-    # one step from z0 is one map application: z0 really is where the iteration starts
-    one = cpu.forward_solve(u, w, z0, "relu6", 1e-9, 1, stop)[0]
-    torch.testing.assert_close(one, forward_map(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
+    check_z0_is_the_starting_point(cpu, u, w, "relu6", z0, stop)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -257,43 +213,16 @@ def test_half_precision_is_solved_in_float32(dtype):
 
 def test_inputs_are_not_modified_and_strides_do_not_matter():
     u, w = make_problem(12, 40, "tanh")
-    wide = torch.zeros(12, 80, dtype=torch.float64)
-    wide[:, ::2] = u
-    u_strided = wide[:, ::2]  # not contiguous
-    w_t = w.t().contiguous().t()  # same values, transposed strides
-    before = (u.clone(), w.clone())
-    want = cpu.forward_solve(u, w, None, "tanh", 1e-9, 500, "sample")
-    got = cpu.forward_solve(u_strided, w_t, None, "tanh", 1e-9, 500, "sample")
-    assert torch.equal(u, before[0]) and torch.equal(w, before[1]) and torch.equal(wide[:, ::2], before[0])
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
+    check_inputs_not_modified_and_strides_do_not_matter(cpu, u, w, adjoint_problem(12, 40, "tanh", torch.float64))
 
 
 def test_empty_batch():
-    w = torch.rand(5, 5) * 0.1
-    z, its, res, conv = torch.ops.pcdeq_C.forward_solve(torch.zeros(0, 5), w, None, 0, 1e-4, 10, False)
-    assert z.shape == (0, 5) and its.shape == res.shape == conv.shape == (0,)
+    check_empty_batch(torch.zeros(0, 5), torch.rand(5, 5) * 0.1)
 
 
 def test_bad_inputs_raise_clear_errors():
     u, w = make_problem(3, 4, "tanh")
-    op = torch.ops.pcdeq_C.forward_solve
-    with pytest.raises(RuntimeError, match="dense pcDEQ needs u of shape"):
-        op(u, torch.rand(5, 5, dtype=torch.float64), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="but weight is"):
-        op(u, w.float(), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="pcDEQ solves float16, bfloat16, float32 or float64"):
-        op(u.long(), w.long(), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="unknown activation id 7"):
-        op(u, w, None, 7, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="z0 must match u"):
-        op(u, w, u[:2], 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="max_iter must be >= 0"):
-        op(u, w, None, 0, 1e-4, -1, False)
-    with pytest.raises(RuntimeError, match="D must match v"):
-        torch.ops.pcdeq_C.adjoint_solve(u, w, u.float(), 1e-4, 10, False)
-    with pytest.raises(ValueError, match="stop must be one of"):
-        cpu.forward_solve(u, w, None, "tanh", 1e-4, 10, "never")
+    check_bad_inputs_raise_clear_errors(cpu, u, w)
 
 
 # --- through fixed_point: dispatch, gradients, custom-op checks ---------------------------------
@@ -312,21 +241,8 @@ def test_auto_picks_cpu_for_cpu_problems():
 @pytest.mark.parametrize("stop", ["sample", "batch"])
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_gradients_match_the_reference_backend_float64(activation, stop):
-    # both backends solve to 1e-13, where the remaining error is float64 rounding
     u, w = make_problem(6, 37, activation, weight_scale=0.7)
-    weights = torch.randn(6, 37, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    results = {}
-    for backend in ("cpu", "reference"):
-        uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
-        z, stats = pk.fixed_point(uu, ww, activation, tol=1e-13, max_iter=5000, stop=stop, backend=backend)
-        assert stats.backend == backend
-        results[backend] = (z, *torch.autograd.grad((z * weights).sum(), (uu, ww)), stats)
-    for got, want in zip(results["cpu"][:3], results["reference"][:3]):
-        assert ((got - want).norm() / want.norm()).item() < 1e-10
-    got_stats, want_stats = results["cpu"][3], results["reference"][3]
-    assert (got_stats.backward_iterations > 0).all()
-    assert (got_stats.forward_iterations - want_stats.forward_iterations).abs().max() <= 1
-    assert (got_stats.backward_iterations - want_stats.backward_iterations).abs().max() <= 1
+    check_gradients_match_the_reference_backend("cpu", u, w, activation, stop)
 
 
 @pytest.mark.parametrize("batch,dim", [(64, 80), (8, 1100)])  # the packed kernel; BLAS
@@ -351,25 +267,13 @@ def test_gradcheck_float64(activation):
     # u away from 0 (so the -eps probes stay valid, u >= 0) and a light W keep relu6's pre-activations
     # off its kinks at 0 and 6; d = 17 runs both the full vectors and the masked last vector of the fused pass
     u, w = make_problem(3, 17, activation, weight_scale=0.3, u_offset=1.0, u_scale=0.3)
-    u.requires_grad_()
-    w.requires_grad_()
-
-    def f(u, w):
-        return pk.fixed_point(u, w, activation, tol=1e-14, max_iter=5000, backend="cpu")[0]
-
-    assert torch.autograd.gradcheck(f, (u, w), eps=1e-7, atol=1e-7, rtol=1e-6)
+    gradcheck_fixed_point(u, w, activation, "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck_both_ops(dtype):
     u, w = make_problem(3, 5, "tanh", dtype=dtype)
-    z0 = torch.rand_like(u)
-    for z_init in (None, z0):
-        for batch_stop in (False, True):
-            torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (u, w, z_init, 0, 1e-6, 100, batch_stop))
-    v, w, D = adjoint_problem(3, 5, "tanh", dtype)
-    for batch_stop in (False, True):
-        torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, batch_stop))
+    opcheck_both_ops([u], w, [None, torch.rand_like(u)], adjoint_problem(3, 5, "tanh", dtype))
 
 
 # --- convolutional problems (csrc/cpu/conv_solver.cpp) ------------------------------------------
@@ -383,17 +287,12 @@ CONV_SHAPES = [(3, 5, (7, 6)), (4, 17, (9, 11)), (2, 3, (1, 1)), (5, 9, (4, 13))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_conv_forward_and_adjoint_match_reference(activation, dtype, stop):
-    tol = TOL[dtype]
     for seed, (batch, channels, hw) in enumerate(CONV_SHAPES):
         u, w = make_problem(batch, channels, activation, dtype=dtype, seed=seed, weight_scale=0.8, conv_hw=hw)
-        got = cpu.forward_solve(u, w, None, activation, tol, 500, stop)
-        want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
-        check_against_reference(got, want, forward_map(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        got, _ = check_forward_solve(cpu, u, w, activation, stop)
         assert got[3].all()
         v, w, D = adjoint_problem(batch, channels, activation, dtype, seed=seed, conv_hw=hw)
-        got = cpu.adjoint_solve(v, w, D, tol, 500, stop)
-        want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-        check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
+        check_adjoint_solve(cpu, v, w, D, stop)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -402,20 +301,10 @@ def test_conv_per_image_early_exit(stop, threads):
     # images with injections spread over four decades converge at very different steps, so the
     # working set is compacted many times (first out of the result, then in place); with few images
     # and 2 threads the fused pass also cuts images into runs
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         for batch, channels, hw in ((19, 6, (10, 9)), (1, 40, (30, 31))):
-            u, w = make_problem(batch, channels, "softsign", weight_scale=0.95, conv_hw=hw)
-            u = u * torch.logspace(-3, 1, batch, dtype=torch.float64)[:, None, None, None]
-            got = cpu.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
-            want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
-            if stop == "sample" and batch > 1:
-                assert want[1].unique().numel() > 5  # the point of the test
-            step = forward_map(u, w, "softsign")
-            check_against_reference(got, want, step, torch.zeros_like(u), 1e-10, stop, torch.float64)
-    finally:
-        torch.set_num_threads(before)
+            u, w = ragged_problem(batch, channels, conv_hw=hw)
+            check_ragged_convergence(cpu, u, w, stop)
 
 
 def test_conv_layouts_z0_half_precision_and_max_iter():
@@ -428,16 +317,10 @@ def test_conv_layouts_z0_half_precision_and_max_iter():
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
     assert torch.equal(u_cl, u)  # the input is only read
-    # z0 is the starting point: one step from it is one map application
-    z0 = torch.rand_like(u) * 3
-    one = cpu.forward_solve(u, w, z0, "tanh", 1e-9, 1, "sample")[0]
-    torch.testing.assert_close(one, forward_map(u, w, "tanh")(z0), rtol=1e-14, atol=1e-14)
+    # z0 is the starting point: the solve from it is the reference's, one step is one map application
+    check_z0_is_the_starting_point(cpu, u, w, "tanh", torch.rand_like(u) * 3, "sample")
     # the cap: no convergence after 3 steps at tol 1e-30, as the reference
-    z, its, res, conv = cpu.forward_solve(u, w, None, "tanh", 1e-30, 3, "sample")
-    z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "tanh", tol=1e-30, max_iter=3)
-    assert (its == 3).all() and not conv.any() and torch.equal(conv, conv_ref)
-    torch.testing.assert_close(z, z_ref, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(res, res_ref, rtol=1e-8, atol=0)
+    check_max_iter_cap(cpu, u, w, "tanh", 3)
     # half precision is solved in float32 (as the reference)
     for dtype in (torch.float16, torch.bfloat16):
         z, its, res, conv = cpu.forward_solve(u.to(dtype), w.to(dtype), None, "tanh", 1e-4, 200, "sample")
@@ -448,26 +331,14 @@ def test_conv_layouts_z0_half_precision_and_max_iter():
 
 def test_conv_bad_inputs_raise_clear_errors():
     u, w = make_problem(2, 3, "tanh", conv_hw=(4, 4))
-    op = torch.ops.pcdeq_C.forward_solve
-    with pytest.raises(RuntimeError, match=r"convolutional pcDEQ needs u of shape \(B, C, H, W\) and weight \(C, C, 3, 3\)"):
-        op(u, torch.rand(3, 3, 5, 5, dtype=torch.float64), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs u of shape"):
-        op(u, torch.rand(4, 4, 3, 3, dtype=torch.float64), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs v of shape"):
-        torch.ops.pcdeq_C.adjoint_solve(u[:, :, 0], w, u[:, :, 0], 1e-4, 10, False)
+    check_bad_inputs_raise_clear_errors(cpu, u, w)
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_conv_gradcheck_float64(activation):
     # u away from relu6's kinks as in test_gradcheck_float64; 5 channels on a ragged 3x4 image
     u, w = make_problem(2, 5, activation, weight_scale=0.3, u_offset=1.0, u_scale=0.3, conv_hw=(3, 4))
-    u.requires_grad_()
-    w.requires_grad_()
-
-    def f(u, w):
-        return pk.fixed_point(u, w, activation, tol=1e-14, max_iter=5000, backend="cpu")[0]
-
-    assert torch.autograd.gradcheck(f, (u, w), eps=1e-7, atol=1e-7, rtol=1e-6)
+    gradcheck_fixed_point(u, w, activation, "cpu")
 
 
 def test_conv_gradients_match_unrolled_autograd():
@@ -491,11 +362,8 @@ def test_conv_gradients_match_unrolled_autograd():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_conv_opcheck_both_ops(dtype):
     u, w = make_problem(2, 3, "tanh", dtype=dtype, conv_hw=(4, 5))
-    for x in (u, u.contiguous(memory_format=torch.channels_last)):
-        for batch_stop in (False, True):
-            torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (x, w, None, 0, 1e-6, 100, batch_stop))
-    v, w, D = adjoint_problem(2, 3, "tanh", dtype, conv_hw=(4, 5))
-    torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, False))
+    u_cl = u.contiguous(memory_format=torch.channels_last)
+    opcheck_both_ops([u, u_cl], w, [None], adjoint_problem(2, 3, "tanh", dtype, conv_hw=(4, 5)))
 
 
 def test_ops_ignore_autocast_when_called_directly():

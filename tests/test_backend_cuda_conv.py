@@ -34,6 +34,7 @@ Tolerances, each with its reason:
   4 * 2^-24 sqrt(n) / (1 - c) for float16's subnormal spacing.
 """
 
+import contextlib
 import functools
 import math
 
@@ -44,8 +45,27 @@ import pcdeq_kernels as pk
 from pcdeq_kernels import reference
 from pcdeq_kernels.backends import cuda
 
-from problems import TOL, adjoint_map, check_against_reference, forward_map, make_problem
-from problems import ALL_ACTIVATIONS
+from problems import (
+    ALL_ACTIVATIONS,
+    TOL,
+    assert_within_rounding,
+    check_adjoint_solve,
+    check_against_reference,
+    check_bad_inputs_raise_clear_errors,
+    check_empty_batch,
+    check_forward_solve,
+    check_gradients_match_the_reference_backend,
+    check_max_iter_cap,
+    check_nan_residual_never_counts_as_converged,
+    check_ragged_convergence,
+    check_z0_is_the_starting_point,
+    forward_map,
+    gradcheck_fixed_point,
+    make_problem,
+    not_slower,
+    opcheck_both_ops,
+    ragged_problem,
+)
 
 pytestmark = pytest.mark.skipif(
     not cuda.is_available(), reason=f"the CUDA backend cannot run here: {cuda.unavailable_reason()}"
@@ -56,8 +76,6 @@ SHAPES = [(3, 5, 7, 6), (4, 17, 9, 11), (1, 1, 1, 1), (2, 8, 16, 17), (2, 3, 40,
 SCHEDULES = ("auto", "1", "3")
 STATE_RTOL = {torch.float64: 1e-12, torch.float32: 5e-5}
 RESIDUAL_RTOL = {torch.float64: 1e-6, torch.float32: 1e-2}
-UNIT_ROUNDOFF = {"tf32": 2.0**-11, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-TINY = {"tf32": 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}
 
 
 @pytest.fixture(params=SCHEDULES)
@@ -67,21 +85,29 @@ def schedule(request, monkeypatch):
     return request.param
 
 
+@contextlib.contextmanager
+def cudnn_allow_tf32(allow):
+    """torch.backends.cudnn.allow_tf32 set to ``allow`` inside the block, restored after."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture
 def cudnn_ieee():
     """Exact float32 convolutions (no TF32), for the backend and the reference alike."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = before
+    with cudnn_allow_tf32(False):
+        yield
 
 
 @pytest.fixture
 def cudnn_tf32():
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
-    yield
-    torch.backends.cudnn.allow_tf32 = before
+    """TF32 float32 convolutions (torch's default), for the backend and the reference alike."""
+    with cudnn_allow_tf32(True):
+        yield
 
 
 def _gpu(*tensors):
@@ -115,24 +141,6 @@ def _check_against_reference(got, want, step_fn, x0, tol, stop, dtype):
     )
 
 
-def _assert_within_rounding(x, x_star, c, kind, stop, tol=1e-4):
-    """The rounded-operand bound of the module docstring; c: per-sample contraction bounds."""
-    x, x_star, c = x.double().flatten(1), x_star.double().flatten(1), c.double()
-    unit, tiny = UNIT_ROUNDOFF[kind], TINY[kind]
-    if stop == "batch":
-        c_max = c.max()
-        allowed = (4 * unit + 2 * tol) / (1 - c_max) * x_star.norm() + 4 * tiny * x.numel() ** 0.5 / (1 - c_max)
-        assert (x - x_star).norm() <= allowed, ((x - x_star).norm().item(), allowed.item())
-    else:
-        allowed = (4 * unit + 2 * tol) / (1 - c) * x_star.norm(dim=1) + 4 * tiny * x.shape[1] ** 0.5 / (1 - c)
-        excess = (x - x_star).norm(dim=1) / allowed
-        assert (excess <= 1).all(), excess.max().item()
-
-
-def _not_slower(its, its_ref):
-    return (its <= its_ref + (0.25 * its_ref.float()).long() + 2).all()
-
-
 # --- exact arithmetic: float64, and float32 without TF32 --------------------------------------------
 
 
@@ -140,12 +148,9 @@ def _not_slower(its, its_ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_forward_solve_matches_reference(activation, dtype, stop, schedule, cudnn_ieee):
-    tol = TOL[dtype]
     for seed, shape in enumerate(SHAPES):
         u, w = _conv_problem(shape, activation, dtype=dtype, seed=seed, weight_scale=0.8)
-        got = cuda.forward_solve(u, w, None, activation, tol, 500, stop)
-        want = reference.forward_solve(u, w, activation, tol=tol, max_iter=500, stop=stop)
-        _check_against_reference(got, want, forward_map(u, w, activation), torch.zeros_like(u), tol, stop, dtype)
+        got, _ = check_forward_solve(cuda, u, w, activation, stop, check=_check_against_reference)
         assert got[3].all(), shape
 
 
@@ -153,12 +158,9 @@ def test_forward_solve_matches_reference(activation, dtype, stop, schedule, cudn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_adjoint_solve_matches_reference(activation, dtype, stop, schedule, cudnn_ieee):
-    tol = TOL[dtype]
     for seed, shape in enumerate(SHAPES):
         v, w, D = _adjoint_problem(shape, activation, dtype, seed=seed)
-        got = cuda.adjoint_solve(v, w, D, tol, 500, stop)
-        want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=500, stop=stop)
-        _check_against_reference(got, want, adjoint_map(v, w, D), D * v, tol, stop, dtype)
+        check_adjoint_solve(cuda, v, w, D, stop, check=_check_against_reference)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])
@@ -166,21 +168,13 @@ def test_ragged_convergence_freezing_and_compaction(stop, schedule):
     # images with very different injections stop at very different steps: the active set shrinks
     # step by step (compacting the convolution's batch), and frozen images must keep their state,
     # count and residual while the others go on, between host checks too
-    u, w = make_problem(40, 3, "softsign", conv_hw=(6, 5), weight_scale=0.95)
-    u = u * torch.logspace(-3, 1, 40, dtype=torch.float64)[:, None, None, None]
-    u, w = _gpu(u, w)
-    got = cuda.forward_solve(u, w, None, "softsign", 1e-10, 1000, stop)
-    want = reference.forward_solve(u, w, "softsign", tol=1e-10, max_iter=1000, stop=stop)
-    if stop == "sample":
-        assert want[1].unique().numel() > 5  # the point of the test
-    _check_against_reference(got, want, forward_map(u, w, "softsign"), torch.zeros_like(u), 1e-10, stop, torch.float64)
+    u, w = _gpu(*ragged_problem(40, 3, conv_hw=(6, 5)))
+    _, want = check_ragged_convergence(cuda, u, w, stop, check=_check_against_reference)
     # and the adjoint at the same problem
     D = reference.activation_derivative_at(want[0], u, w, "softsign")
     v = torch.randn(u.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).cuda()
     v = v * torch.logspace(-6, 0, 40, dtype=torch.float64, device="cuda")[:, None, None, None]
-    got = cuda.adjoint_solve(v, w, D, 1e-10, 1000, stop)
-    want = reference.adjoint_solve(v, w, D, tol=1e-10, max_iter=1000, stop=stop)
-    _check_against_reference(got, want, adjoint_map(v, w, D), D * v, 1e-10, stop, torch.float64)
+    check_adjoint_solve(cuda, v, w, D, stop, tol=1e-10, max_iter=1000, check=_check_against_reference)
 
 
 def test_per_image_counts_equal_solving_each_image_alone(schedule):
@@ -200,36 +194,21 @@ def test_max_iter_cap_and_no_convergence(max_iter, schedule):
     # around the first check (step 4 when adaptive) and the fixed cadences
     for shape in ((9, 3, 5, 4), (70, 6, 8, 8)):
         u, w = _conv_problem(shape, "tanh", weight_scale=0.9)
-        for stop in ("sample", "batch"):
-            z, its, res, conv = cuda.forward_solve(u, w, None, "tanh", 1e-30, max_iter, stop)
-            want = reference.forward_solve(u, w, "tanh", tol=1e-30, max_iter=max_iter, stop=stop)
-            assert (its == max_iter).all() and not conv.any()
-            assert torch.equal(its, want[1]) and torch.equal(conv, want[3])
-            torch.testing.assert_close(z, want[0], rtol=1e-13, atol=1e-13)
-            torch.testing.assert_close(res, want[2], rtol=1e-8, atol=0)
+        check_max_iter_cap(cuda, u, w, "tanh", max_iter)
 
 
 def test_nan_residual_never_counts_as_converged(schedule):
     u, w = make_problem(10, 3, "sigmoid", conv_hw=(4, 4))
     u[2, 1, 2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
     u, w = _gpu(u, w)
-    for stop in ("sample", "batch"):
-        z, its, res, conv = cuda.forward_solve(u, w, None, "sigmoid", 1e-6, 50, stop)
-        z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "sigmoid", tol=1e-6, max_iter=50, stop=stop)
-        assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
-        assert res[2].isnan() and not conv[2] and its[2] == 50
-        torch.testing.assert_close(z, z_ref, equal_nan=True)
+    check_nan_residual_never_counts_as_converged(cuda, u, w, "sigmoid")
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])
 def test_z0_is_the_starting_point(stop, schedule):
     u, w = _conv_problem((5, 6, 7, 8), "relu6", weight_scale=0.8)
     z0 = torch.rand_like(u) * 3
-    got = cuda.forward_solve(u, w, z0, "relu6", 1e-9, 500, stop)
-    want = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=500, stop=stop, z0=z0)
-    _check_against_reference(got, want, forward_map(u, w, "relu6"), z0, 1e-9, stop, torch.float64)
-    one = cuda.forward_solve(u, w, z0, "relu6", 1e-9, 1, stop)[0]
-    torch.testing.assert_close(one, forward_map(u, w, "relu6")(z0), rtol=1e-14, atol=1e-14)
+    check_z0_is_the_starting_point(cuda, u, w, "relu6", z0, stop, check=_check_against_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
@@ -315,10 +294,10 @@ def test_tf32_forward_and_adjoint(activation, stop, schedule, cudnn_tf32):
         z, its, res, conv = cuda.forward_solve(u, w, None, activation, 1e-4, 500, stop)
         assert z.dtype == torch.float32 and res.dtype == torch.float32
         assert conv.all(), shape  # from z0 = 0 the rounded iteration is monotone: it must stop
-        _assert_within_rounding(z, z_star, c, "tf32", stop)
-        assert _not_slower(its, its64), (shape, its, its64)
+        assert_within_rounding(z, z_star, c, "tf32", stop)
+        assert not_slower(its, its64), (shape, its, its64)
         h, *_ = cuda.adjoint_solve(v, w, D, 1e-4, 500, stop)
-        _assert_within_rounding(h, h_star, c, "tf32", stop)
+        assert_within_rounding(h, h_star, c, "tf32", stop)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])
@@ -331,11 +310,11 @@ def test_half_precision_forward_and_adjoint(activation, dtype, stop, schedule):
         its_ref = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)[1]
         assert z.dtype == dtype and res.dtype == torch.float32 and its.dtype == torch.int32
         assert conv.all(), shape
-        _assert_within_rounding(z, z_star, c, dtype, stop)
-        assert _not_slower(its, its_ref), (shape, its, its_ref)
+        assert_within_rounding(z, z_star, c, dtype, stop)
+        assert not_slower(its, its_ref), (shape, its, its_ref)
         h, its_h, res_h, _ = cuda.adjoint_solve(v, w, D, 1e-4, 500, stop)
         assert h.dtype == dtype and res_h.dtype == torch.float32
-        _assert_within_rounding(h, h_star, c, dtype, stop)
+        assert_within_rounding(h, h_star, c, dtype, stop)
 
 
 # --- gradients through fixed_point(backend="cuda") ------------------------------------------------------
@@ -346,33 +325,13 @@ def test_half_precision_forward_and_adjoint(activation, dtype, stop, schedule):
 def test_gradcheck_float64(activation, stop):
     # as tests/test_gradients.py: u away from 0 and a light W keep relu6 off its kinks
     u, w = _conv_problem((2, 3, 4, 3), activation, weight_scale=0.3, u_offset=0.5, u_scale=0.3)
-    u.requires_grad_()
-    w.requires_grad_()
-
-    def f(u, w):
-        z, stats = pk.fixed_point(u, w, activation, tol=1e-14, max_iter=5000, stop=stop, backend="cuda")
-        assert stats.backend == "cuda"
-        return z
-
-    assert torch.autograd.gradcheck(f, (u, w), eps=1e-7, atol=1e-7, rtol=1e-6)
+    gradcheck_fixed_point(u, w, activation, "cuda", stop=stop)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])
 def test_gradients_match_the_reference_backend_float64(stop):
     u, w = _conv_problem((5, 6, 7, 6), "tanh", weight_scale=0.7)
-    weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).cuda()
-    results = {}
-    for backend in ("cuda", "reference"):
-        uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()
-        z, stats = pk.fixed_point(uu, ww, "tanh", tol=1e-13, max_iter=5000, stop=stop, backend=backend)
-        assert stats.backend == backend
-        results[backend] = (z, *torch.autograd.grad((z * weights).sum(), (uu, ww)), stats)
-    for got, want in zip(results["cuda"][:3], results["reference"][:3]):
-        assert ((got - want).norm() / want.norm()).item() < 1e-10
-    got_stats, want_stats = results["cuda"][3], results["reference"][3]
-    assert (got_stats.backward_iterations > 0).all()
-    assert (got_stats.forward_iterations - want_stats.forward_iterations).abs().max() <= 1
-    assert (got_stats.backward_iterations - want_stats.backward_iterations).abs().max() <= 1
+    check_gradients_match_the_reference_backend("cuda", u, w, "tanh", stop)
 
 
 def test_auto_picks_cuda_for_conv_cuda_problems():
@@ -383,14 +342,8 @@ def test_auto_picks_cuda_for_conv_cuda_problems():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_opcheck_both_ops(dtype):
     u, w = _conv_problem((3, 4, 5, 6), "tanh", dtype=dtype)
-    z0 = torch.rand_like(u)
-    for uu in (u, u.contiguous(memory_format=torch.channels_last)):
-        for z_init in (None, z0):
-            for batch_stop in (False, True):
-                torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (uu, w, z_init, 0, 1e-6, 100, batch_stop))
-    v, w, D = _adjoint_problem((3, 4, 5, 6), "tanh", dtype)
-    for batch_stop in (False, True):
-        torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (v, w, D, 1e-6, 100, batch_stop))
+    u_cl = u.contiguous(memory_format=torch.channels_last)
+    opcheck_both_ops([u, u_cl], w, [None, torch.rand_like(u)], _adjoint_problem((3, 4, 5, 6), "tanh", dtype))
 
 
 # --- inputs, errors ------------------------------------------------------------------------------------
@@ -398,12 +351,10 @@ def test_opcheck_both_ops(dtype):
 
 def test_empty_batch_and_empty_images():
     w = torch.rand(5, 5, 3, 3, device="cuda") * 0.01
-    op = torch.ops.pcdeq_C.forward_solve
-    z, its, res, conv = op(torch.zeros(0, 5, 4, 4, device="cuda"), w, None, 0, 1e-4, 10, False)
-    assert z.shape == (0, 5, 4, 4) and its.shape == res.shape == conv.shape == (0,)
-    assert z.is_cuda and its.is_cuda
+    check_empty_batch(torch.zeros(0, 5, 4, 4, device="cuda"), w)
     # no elements per image: every step has residual 0 / (0 + 1e-5) = 0, as the dense solvers count
     # it for d = 0 (torch's own conv2d refuses an image of height 0, so the reference cannot run)
+    op = torch.ops.pcdeq_C.forward_solve
     u = torch.zeros(3, 5, 0, 4, device="cuda")
     for batch_stop in (False, True):
         z, its, res, conv = op(u, w, None, 0, 1e-4, 10, batch_stop)
@@ -415,29 +366,9 @@ def test_empty_batch_and_empty_images():
 
 def test_bad_inputs_raise_clear_errors():
     u, w = _conv_problem((2, 3, 4, 4), "tanh")
-    op = torch.ops.pcdeq_C.forward_solve
-    with pytest.raises(RuntimeError, match=r"convolutional pcDEQ needs u of shape \(B, C, H, W\) and weight \(C, C, 3, 3\)"):
-        op(u, torch.rand(4, 4, 3, 3, dtype=torch.float64, device="cuda"), None, 0, 1e-4, 10, False)  # C differs
-    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs u of shape"):
-        op(u, torch.rand(3, 3, 5, 5, dtype=torch.float64, device="cuda"), None, 0, 1e-4, 10, False)  # not 3x3
-    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs u of shape"):
-        op(u[:, :, 0], w, None, 0, 1e-4, 10, False)  # u not 4-d
-    with pytest.raises(RuntimeError, match="but weight is"):
-        op(u, w.float(), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="pcDEQ solves float16, bfloat16, float32 or float64"):
-        op(u.long(), w.long(), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="unknown activation id 7"):
-        op(u, w, None, 7, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="z0 must match u"):
-        op(u, w, u[:1], 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="max_iter must be >= 0"):
-        op(u, w, None, 0, 1e-4, -1, False)
+    check_bad_inputs_raise_clear_errors(cuda, u, w)
     with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
-        op(u, w.cpu(), None, 0, 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="D must match v"):
-        torch.ops.pcdeq_C.adjoint_solve(u, w, u.float(), 1e-4, 10, False)
-    with pytest.raises(RuntimeError, match="convolutional pcDEQ needs v of shape"):
-        torch.ops.pcdeq_C.adjoint_solve(u[:, :2], w, u[:, :2], 1e-4, 10, False)
+        torch.ops.pcdeq_C.forward_solve(u, w.cpu(), None, 0, 1e-4, 10, False)
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "often", "3.5"])

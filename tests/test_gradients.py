@@ -6,7 +6,7 @@ import torch
 import pcdeq_kernels as pk
 from pcdeq_kernels import reference
 
-from problems import ALL_ACTIVATIONS, make_problem, unrolled_fixed_point
+from problems import ALL_ACTIVATIONS, gradcheck_fixed_point, make_problem, unrolled_fixed_point
 
 SHAPES = [dict(batch=5, dim=13), dict(batch=3, dim=4, conv_hw=(5, 6))]
 
@@ -42,13 +42,7 @@ def test_implicit_gradient_matches_unrolled_autograd_float64(activation, shape, 
 def test_gradcheck_float64(activation, conv_hw):
     # u away from 0 and a light W keep relu6's pre-activations off its kinks at 0 and 6
     u, w = make_problem(2, 3, activation, conv_hw=conv_hw, weight_scale=0.3, u_offset=0.5, u_scale=0.3)
-    u.requires_grad_()
-    w.requires_grad_()
-
-    def f(u, w):
-        return pk.fixed_point(u, w, activation, tol=1e-14, max_iter=5000, backend="reference")[0]
-
-    assert torch.autograd.gradcheck(f, (u, w), eps=1e-7, atol=1e-7, rtol=1e-6)
+    gradcheck_fixed_point(u, w, activation, "reference")
 
 
 def test_gradient_of_float32_solve_is_close_to_float64():
