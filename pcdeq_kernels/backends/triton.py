@@ -19,8 +19,13 @@ NAME = "triton"
 KINDS = ("dense", "conv")
 
 
+# Looked up once: torch.compile traces the dispatcher's availability checks, and Dynamo (torch 2.11)
+# refuses to trace importlib's find_spec.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def _interpreting() -> bool:
