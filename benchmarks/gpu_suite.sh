@@ -7,13 +7,22 @@
 #
 #   benchmarks/gpu_suite.sh OUT_DIR                       # every step
 #   benchmarks/gpu_suite.sh OUT_DIR build tests           # some: build tests bench-float32 bench-bfloat16 bench-conv
+#
+# Packages the GPU image lacks (torchdeq, a benchmark peer) travel as wheels: run
+# benchmarks/fetch_gpu_wheels.sh here first (it downloads them into .whl/) and name .whl in the device
+# call's carry; the suite installs them into /tmp/site. PYTHON (default python3) picks the interpreter.
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [STEP...]}")
 shift
 WANTED=" ${*:-build tests bench-float32 bench-bfloat16 bench-conv} "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 unset TRITON_INTERPRET  # real kernels on the real GPU
 status=0
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log, remember failures
@@ -27,14 +36,14 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log
 }
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-  python -c "import triton; print('triton', triton.__version__)" 2>&1
+  "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
 } >"$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-step build 300 env MAX_JOBS="${MAX_JOBS:-16}" python setup.py build_ext --inplace
-step tests 420 python -m pytest tests -q -rs --maxfail=30 --junitxml="$OUT/tests.xml"
-step bench-float32 150 python -m pcdeq_kernels.bench --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
-step bench-bfloat16 120 python -m pcdeq_kernels.bench --device cuda --dtype bfloat16 --min-seconds 0.2 --no-progress --out "$OUT"
-step bench-conv 120 python -m pcdeq_kernels.bench --conv --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
+step build 300 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+step tests 420 "$PY" -m pytest tests -q -rs --maxfail=30 --junitxml="$OUT/tests.xml"
+step bench-float32 150 "$PY" -m pcdeq_kernels.bench --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
+step bench-bfloat16 120 "$PY" -m pcdeq_kernels.bench --device cuda --dtype bfloat16 --min-seconds 0.2 --no-progress --out "$OUT"
+step bench-conv 120 "$PY" -m pcdeq_kernels.bench --conv --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
 echo "results in $OUT"
 exit $status
