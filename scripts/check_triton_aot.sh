@@ -4,7 +4,7 @@
 # tests/test_triton_conv.py). The project's venv carries the newest Triton (3.9); the GPU machines
 # carry the one their torch pins (torch 2.11: triton 3.6.0; torch 2.14.1 pins 3.8.0), and ptxas's
 # register allocation differs between versions, so the configurations must be spill-free under each
-# that users run. CI checks 3.6.0; 3.8.0 does not pass yet (README, Testing).
+# that users run. CI checks 3.6.0 and 3.8.0.
 #   usage: scripts/check_triton_aot.sh [VERSION]     (default 3.6.0; run scripts/setup.sh first)
 set -euo pipefail
 cd "$(dirname "$0")/.."

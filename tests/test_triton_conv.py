@@ -323,17 +323,14 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills():
     results = aot.compile_plan_in_workers("conv", full=AOT_FULL)
     kernels = {(r["kernel"], r["precision"], r["capability"], r["aligned"]) for r in results}
     assert len(kernels) == 2 * 2 * 2 * 2 and len(results) > 50  # both kernels, precisions, targets, alignments
-    # A launch with C, H, W and B multiples of 16 compiles the "aligned" variant (vectorised loads, far
-    # fewer registers). For a few of those ptxas stops at 72 to 128 registers, for occupancy, and moves
-    # one or two 64-bit values to local memory (8 or 16 bytes); allowed the whole register file
-    # (maxnreg=255) it spills nothing. That trade is accepted; any other spill is not.
-    spilled = [r for r in results if r["spill_bytes"] != 0
-               and not (r["aligned"] and r["spill_bytes"] <= 16 and r["registers"] <= 128)]
+    spilled = [r for r in results if not aot.spills_accepted(r)]
     assert not spilled, "register spills:\n" + "\n".join(map(str, spilled))
     too_big = [r for r in results if r["shared"] > dense.SHARED_MEMORY_LIMIT[r["capability"]]]
     assert not too_big, "shared memory over the limit:\n" + "\n".join(map(str, too_big))
     worst = max(results, key=lambda r: r["registers"])
-    print(f"{len(results)} compiles; most registers: {worst['registers']} ({worst['kernel']} {worst['config']})")
+    traded = sum(r["spill_bytes"] != 0 for r in results)
+    print(f"{len(results)} compiles, {traded} with ptxas's occupancy spill; most registers: {worst['registers']} "
+          f"({worst['kernel']} {worst['config']})")
 
 
 # ------------------------------------------------------------------- through fixed_point and the layer
