@@ -15,6 +15,9 @@
 # wheel lists the GPU architectures inside (cuobjdump from triton's wheel) and fails on register
 # spills reported by ptxas.
 #
+# With WHEEL_TESTS="cuda" (the default; "cpu cuda" or "" to choose), the whole test suite then runs
+# against the installed wheel in that venv (on CPU, without a GPU).
+#
 # Environment: WHEEL_KINDS="cpu cuda" (default both), CUDA_HOME (default /usr/local/cuda-13.0),
 # TORCH_CPU_SPEC (torch==2.13.0), TORCH_CUDA_SPEC (torch==2.14.1), MAX_JOBS, KEEP_WORK=1 (keep the
 # venvs and logs), BUILD_VENV_cpu / BUILD_VENV_cuda (build in an existing venv instead of a new one;
@@ -109,6 +112,23 @@ EOF
     echo "GPU code in $(basename "$so"):"
     "$cuobjdump" --list-elf "$so" | sed -E 's/.*\.(sm_[0-9a-z]+)\..*/  cubin \1/' | sort -u
     "$cuobjdump" --list-ptx "$so" | sed -E 's/.*\.(sm_[0-9a-z]+)\..*/  ptx   \1/' | sort -u
+  fi
+  if [[ " ${WHEEL_TESTS-cuda} " == *" $kind "* ]]; then
+    # The whole test suite against the installed wheel, with its torch and the Triton that torch pins
+    # (torch 2.14.1: Triton 3.8, whose interpreter runs the Triton tests): the stack a cluster user of
+    # the CUDA wheel has, which the main suite (torch 2.13, Triton 3.9) does not cover. The console
+    # script, unlike `python -m pytest`, does not put the source tree on sys.path, so `import
+    # pcdeq_kernels` finds the wheel; the tests still read csrc/ and examples/ from the source copy.
+    log "$kind: the test suite against the installed wheel"
+    "$venv/bin/pip" install -q "$spec" "pytest>=7" "pytest-benchmark>=4" "hypothesis>=6" scikit-learn tqdm matplotlib torchdeq
+    # (what pytest puts on sys.path: the tests' folders; there the package resolves to the wheel)
+    (cd "$SRC/tests" && "$venv/bin/python" -c "import pcdeq_kernels as p; assert p.__file__.startswith('$venv'), p.__file__")
+    if (cd "$SRC" && "$venv/bin/pytest" -p no:cacheprovider -o addopts="--benchmark-disable") >"$WORK/tests-$kind.log" 2>&1; then
+      tail -n 1 "$WORK/tests-$kind.log"
+    else
+      tail -n 80 "$WORK/tests-$kind.log" >&2
+      return 1
+    fi
   fi
 }
 
