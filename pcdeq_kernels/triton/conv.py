@@ -94,16 +94,17 @@ SINGLE_LAUNCH_MAX_FLOPS = 2 * 16 * 512 * 512
 
 # (BLOCK_P, BLOCK_N, BLOCK_K, num_warps, num_stages): pixels x output channels per tile, input channels
 # per K block. BLOCK_K = 16 serves PRECISION="ieee", 32 "tf32" (as in dense.py). Every config listed
-# compiles for sm_80 and sm_90 with every epilogue and operand dtype (aot_plan(full=True)), under
-# Triton 3.6, 3.8 and 3.9, without spills beyond ptxas's occupancy trade (aot.spills_accepted: 8 or 16
-# bytes, in some 16-divisible specialisations and, under 3.8, the ieee scratch tiles on sm_90); the
-# others tried spilled (a few bytes to a few hundred) in some variant, in one version or another: most 128-pixel tiles, 64 x 32 tiles with K blocks of 16, and in the scratch
-# kernel 32 x 32 ieee tiles (over 1 to 16 warps, 1 to 3 stages: ptxas caps them at an occupancy step,
-# 64 to 168 registers, and spills 8 or 16 bytes), 64 x 64 ieee tiles over 8 warps and 64 x 64 tf32
-# tiles with 2 stages; so its ieee tiles are 16 x 32 over 2 warps (what C <= 32 takes), 16 x 64 over 4
-# and 64 x 64 over 16. The first entry is the one the interpreter runs, whatever the precision: its
-# cost is per operation, not per element, so 64 x 32 tiles keep the tests fast while their images (up
-# to 81 pixels, 40 channels) still span several pixel tiles, channel tiles and K blocks.
+# compiles for sm_80 and sm_90 with every epilogue and operand dtype (aot_plan(full=True)), under Triton
+# 3.6, 3.8 and 3.9, without spills beyond ptxas's occupancy trade (aot.spills_accepted: 8 or 16 bytes,
+# in some 16-divisible specialisations and, under 3.8, the ieee scratch tiles on sm_90); the others
+# tried spilled (a few bytes to a few hundred) in some variant, in one version or another: most
+# 128-pixel tiles, 64 x 32 tiles with K blocks of 16, and in the scratch kernel 32 x 32 ieee tiles (over
+# 1 to 16 warps, 1 to 3 stages: ptxas caps them at an occupancy step, 64 to 168 registers, and spills 8
+# or 16 bytes), 64 x 64 ieee tiles over 8 warps and 64 x 64 tf32 tiles with 2 stages; so its ieee tiles
+# are 16 x 32 over 2 warps (what C <= 32 takes), 16 x 64 over 4 and 64 x 64 over 16. The first entry is
+# the one the interpreter runs, whatever the precision: its cost is per operation, not per element, so
+# 64 x 32 tiles keep the tests fast while their images (up to 81 pixels, 40 channels) still span several
+# pixel tiles, channel tiles and K blocks.
 SCRATCH_CONFIGS = _configs(
     [(64, 32, 32, 4, 1), (64, 32, 32, 8, 2), (64, 64, 32, 8, 1),
      (16, 32, 16, 2, 1), (16, 64, 16, 4, 1), (64, 64, 16, 16, 1)],

@@ -113,8 +113,9 @@ ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 
 # compiles without spills for sm_80 and sm_90 with every epilogue and operand dtype, under Triton 3.6,
 # 3.8 and 3.9 (tests/test_backend_triton.py; aot.spills_accepted). Many nearby ones do not, in one
 # version or another: ptxas often caps a kernel at an occupancy step (80, 128 or 168 registers) and
-# spills 8 bytes to get there; so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages) give way to 16 x 128 and
-# 32 x 64 tiles over 16 warps, and the step kernel's tf32 64 x 128 tile to 32 x 128.
+# spills 8 bytes to get there; so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages)
+# give way to 16 x 128 and 32 x 64 tiles over 16 warps, and the step kernel's tf32 64 x 128 tile to
+# 32 x 128.
 SCRATCH_CONFIGS = _configs(
     [(16, 64, 32, 4, 2), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
      (16, 128, 16, 16, 1), (32, 64, 16, 16, 1), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
