@@ -6,7 +6,7 @@
 # stays in place between them):
 #
 #   benchmarks/gpu_suite.sh OUT_DIR                       # every step
-#   benchmarks/gpu_suite.sh OUT_DIR build tests           # some: build tests bench-float32 bench-bfloat16 bench-conv
+#   benchmarks/gpu_suite.sh OUT_DIR build tests           # some: build tests bench-float32 bench-bfloat16 bench-conv bench-loops
 #
 # Packages the GPU image lacks (torchdeq, a benchmark peer) travel as wheels: run
 # benchmarks/fetch_gpu_wheels.sh here first (it downloads them into .whl/) and name .whl in the device
@@ -14,7 +14,7 @@
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [STEP...]}")
 shift
-WANTED=" ${*:-build tests bench-float32 bench-bfloat16 bench-conv} "
+WANTED=" ${*:-build tests bench-float32 bench-bfloat16 bench-conv bench-loops} "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -44,6 +44,10 @@ step build 300 env MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
 step tests 420 "$PY" -m pytest tests -q -rs --maxfail=30 --junitxml="$OUT/tests.xml"
 step bench-float32 150 "$PY" -m pcdeq_kernels.bench --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
 step bench-bfloat16 120 "$PY" -m pcdeq_kernels.bench --device cuda --dtype bfloat16 --min-seconds 0.2 --no-progress --out "$OUT"
+# The dispatchers' loop choice, measured: each GPU backend with its loop forced, where the choice is close.
+step bench-loops 150 "$PY" -m pcdeq_kernels.bench --device cuda --dtype float32 --min-seconds 0.2 --no-progress --modes forward \
+  --paths official,triton,triton-single,triton-stepwise,cuda,cuda-single,cuda-stepwise \
+  --shapes 256x1024,256x4096,1024x4096,8192x1024,8192x4096 --out "$OUT/loops"
 step bench-conv 120 "$PY" -m pcdeq_kernels.bench --conv --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
 echo "results in $OUT"
 exit $status

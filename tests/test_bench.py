@@ -1,6 +1,7 @@
 """The benchmark report command on a tiny grid: table, JSON with versions, plots, agreement check."""
 
 import json
+import os
 
 import pytest
 
@@ -57,3 +58,44 @@ def test_conv_grid_times_the_cpu_backend_on_conv_problems(tmp_path, capsys):
     assert json.loads(json_file.read_text())["convergence"] is None and len(list(tmp_path.glob("*.png"))) == 1
     with pytest.raises(SystemExit):
         main(["--shapes", "3x4x5"])
+
+
+def test_unknown_paths_and_modes_are_errors(tmp_path):
+    with pytest.raises(ValueError, match="official"):
+        main(["--shapes", "4x6", "--paths", "official,refrence", "--out", str(tmp_path), "--no-progress"])
+    with pytest.raises(ValueError, match="official"):  # speedups need the official loop
+        main(["--shapes", "4x6", "--paths", "reference", "--out", str(tmp_path), "--no-progress"])
+    with pytest.raises(SystemExit):
+        main(["--shapes", "4x6", "--modes", "forward,backward"])
+
+
+def test_forced_loops_are_opt_in_and_set_the_backends_path_variable(monkeypatch):
+    """triton-stepwise etc. run only when named, and force the loop for the backward solve too."""
+    assert set(paths.FORCED_LOOPS) == {"cuda-single", "cuda-stepwise", "triton-single", "triton-stepwise"}
+    seen = []
+    from pcdeq_kernels import functional
+
+    real = functional.fixed_point
+
+    def spy(*args, **kwargs):
+        seen.append(("forward", kwargs["backend"], os.environ.get("PCDEQ_TRITON_PATH")))
+        return real(*args, **{**kwargs, "backend": "reference"})
+
+    monkeypatch.setattr(paths, "fixed_point", spy)
+    monkeypatch.delenv("PCDEQ_TRITON_PATH", raising=False)
+    u, w = paths.make_problem(4, 6)
+    runner = paths.runner("triton-stepwise", u, w)
+    runner.forward()
+    assert seen == [("forward", "triton", "stepwise")] and "PCDEQ_TRITON_PATH" not in os.environ
+    from pcdeq_kernels import reference
+
+    solves = []
+    real_adjoint = reference.adjoint_solve
+
+    def adjoint_spy(*args, **kwargs):
+        solves.append(os.environ.get("PCDEQ_TRITON_PATH"))
+        return real_adjoint(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "adjoint_solve", adjoint_spy)
+    runner.train_step()
+    assert solves == ["stepwise"] and "PCDEQ_TRITON_PATH" not in os.environ

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--activation", default="tanh")
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--paths", help="comma-separated subset, e.g. official,reference,cpu,torchdeq-fpi")
+    p.add_argument("--paths", help="comma-separated, official first, e.g. official,reference,cpu,torchdeq-fpi; "
+                   "cuda-single, cuda-stepwise, triton-single, triton-stepwise force a GPU backend's solve loop")
     p.add_argument("--modes", default="forward,train")
     p.add_argument("--min-seconds", type=float, default=0.3, help="time spent per measurement")
     p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG files")
@@ -39,13 +40,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA build of torch and a GPU")
+    modes = tuple(args.modes.split(","))
+    if not modes or not set(modes) <= {"forward", "train"}:
+        p.error(f"--modes takes forward, train or both (comma-separated); got {args.modes!r}")
     if args.conv:
         shapes = args.shapes or (CONV_QUICK_SHAPES if args.quick else CONV_SHAPES)
     else:
         shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     result = run_grid(
         shapes, device=args.device, dtype=DTYPES[args.dtype], activation=args.activation, tol=args.tol,
-        modes=tuple(args.modes.split(",")), paths_to_run=args.paths.split(",") if args.paths else None,
+        modes=modes, paths_to_run=args.paths.split(",") if args.paths else None,
         min_seconds=args.min_seconds, progress=not args.no_progress,
     )
     result["command"] = "python -m pcdeq_kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv)

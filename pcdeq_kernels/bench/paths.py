@@ -5,6 +5,9 @@
     torchdeq-fpi        torchdeq's get_deq with fixed_point_iter forward and IFT backward (relative stop)
     torchdeq-anderson   the same with Anderson acceleration in the forward
     <backend>           pcdeq_kernels.fixed_point with that backend (reference, cpu, cuda, triton)
+    <gpu backend>-single, <gpu backend>-stepwise
+                        the cuda or triton backend with its solve loop forced (PCDEQ_CUDA_PATH /
+                        PCDEQ_TRITON_PATH), to measure the dispatcher's choice; only when asked for by name
 
 Every path takes ``(u, weight, activation, tol, max_iter)`` and returns a runner: ``forward()`` solves
 without autograd and returns ``z*``; ``train_step()`` solves with gradients, backpropagates
@@ -15,9 +18,11 @@ about ``tol`` and are checked before timing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
+import os
 from typing import Callable
 
 import torch
@@ -31,6 +36,11 @@ from ..official import official_fixed_point
 from ..reference import linear_map
 
 PEERS = ("official", "torchdeq-fpi", "torchdeq-anderson")
+# name -> (backend, the environment variable that forces its solve loop, the loop)
+FORCED_LOOPS = {
+    f"{backend}-{loop}": (backend, f"PCDEQ_{backend.upper()}_PATH", loop)
+    for backend in ("cuda", "triton") for loop in ("single", "stepwise")
+}
 
 
 @dataclasses.dataclass
@@ -85,7 +95,22 @@ def available_paths(device_type: str, kind: str = "dense") -> dict[str, str]:
             out[name] = "the Triton interpreter is never timed"
         else:
             out[name] = ""
+    for name, (backend, _, _) in FORCED_LOOPS.items():
+        out[name] = out[backend]
     return out
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _grad_of(solve: Callable[[Tensor, Tensor], Tensor], u: Tensor, weight: Tensor):
@@ -141,11 +166,19 @@ def runner(path: str, u: Tensor, weight: Tensor, activation: str = "tanh", tol: 
         return Runner(forward, _grad_of(solve, u, weight), lambda: (last["fwd"], last["bwd"]))
 
     holder = {}
+    backend, variable, loop = FORCED_LOOPS.get(path, (path, None, None))
 
     def solve(uu, ww):
-        z, holder["stats"] = fixed_point(uu, ww, activation, tol=tol, max_iter=max_iter, backend=path)
+        z, holder["stats"] = fixed_point(uu, ww, activation, tol=tol, max_iter=max_iter, backend=backend)
         return z
 
+    def forced(fn):  # the whole call, backward solve included, under the forced loop
+        def call():
+            with _environment(variable, loop) if variable else contextlib.nullcontext():
+                return fn()
+        return call
+
+    @forced
     def forward():
         with torch.no_grad():
             return solve(u, weight)
@@ -154,4 +187,4 @@ def runner(path: str, u: Tensor, weight: Tensor, activation: str = "tanh", tol: 
         s = holder["stats"]
         return s.forward_iterations.float().mean().item(), s.backward_iterations.float().mean().item()
 
-    return Runner(forward, _grad_of(solve, u, weight), iterations)
+    return Runner(forward, forced(_grad_of(solve, u, weight)), iterations)

@@ -87,8 +87,16 @@ def run_grid(shapes, *, device="cpu", dtype=torch.float32, activation="tanh", to
     for kind in sorted(kinds):  # a path runs the grid only if it runs every kind in it
         for p, why in paths.available_paths(device_type, kind).items():
             availability[p] = availability.get(p) or why
-    chosen = [p for p in (paths_to_run or availability) if availability.get(p) == ""]
-    skipped = {p: why for p, why in availability.items() if why and (paths_to_run is None or p in paths_to_run)}
+    # Forced solve loops run only when named: by default each backend runs as its dispatcher chooses.
+    default = [p for p in availability if p not in paths.FORCED_LOOPS]
+    chosen = [p for p in (paths_to_run or default) if availability.get(p) == ""]
+    unknown = sorted(set(paths_to_run or ()) - set(availability))
+    if unknown or (paths_to_run is not None and "official" not in paths_to_run):
+        raise ValueError(
+            f"paths must name 'official' (speedups are relative to it) and others of {sorted(availability)}; "
+            f"got {paths_to_run}"
+        )
+    skipped = {p: why for p, why in availability.items() if why and p in (paths_to_run or default)}
     info = machine_info(device_type)
     peak, peak_source = peak_tflops(info.get("gpu"), dtype)
     jobs = [(shape, mode, path) for shape in shapes for mode in modes for path in chosen]
