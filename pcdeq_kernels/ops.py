@@ -71,6 +71,19 @@ def _apply_policy(what: str, converged: Tensor, residual: Tensor, tol: float, ma
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+def state_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a solve's state output for input ``x`` (u or v): channels-last for a
+    channels-last image batch (the convolutional kernels' layout), else contiguous. Every backend's
+    output is brought to it, so the fake kernels (which torch.compile plans strides with) are exact."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_state(x: Tensor) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=state_format(x))
+
+
 def _stat_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     batch = x.shape[0]
     res_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -96,12 +109,12 @@ def forward_solve(
     _check_values(u, weight, z0)
     z, its, res, conv = backends.get(backend).forward_solve(u, weight, z0, activation, tol, max_iter, stop)
     _apply_policy("forward", conv, res, tol, max_iter, on_nonconvergence)
-    return z, its, res, conv
+    return z.contiguous(memory_format=state_format(u)), its, res, conv
 
 
 @forward_solve.register_fake
 def _(u, weight, z0, activation, tol, max_iter, stop, backend, on_nonconvergence):
-    return (torch.empty_like(u), *_stat_outputs(u))
+    return (empty_state(u), *_stat_outputs(u))
 
 
 @torch.library.custom_op("pcdeq::adjoint_solve", mutates_args=())
@@ -117,9 +130,9 @@ def adjoint_solve(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     h, its, res, conv = backends.get(backend).adjoint_solve(v, weight, D, tol, max_iter, stop)
     _apply_policy("backward", conv, res, tol, max_iter, on_nonconvergence)
-    return h, its, res, conv
+    return h.contiguous(memory_format=state_format(v)), its, res, conv
 
 
 @adjoint_solve.register_fake
 def _(v, weight, D, tol, max_iter, stop, backend, on_nonconvergence):
-    return (torch.empty_like(v), *_stat_outputs(v))
+    return (empty_state(v), *_stat_outputs(v))

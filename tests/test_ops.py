@@ -37,6 +37,39 @@ def test_opcheck_forward_and_adjoint(backend, conv_hw, dtype):
     torch.library.opcheck(ops.adjoint_solve, (torch.randn_like(u), w, D, 1e-6, 100, "batch", backend, "warn"))
 
 
+def _strided_inputs(u):
+    """``u`` in the layouts users pass besides contiguous: a transposed matrix (dense), channels-last and
+    an odd permutation (images)."""
+    if u.dim() == 2:
+        return [u.t().contiguous().t()]
+    return [u.contiguous(memory_format=torch.channels_last), u.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)]
+
+
+@pytest.mark.parametrize("backend, conv_hw, dtype", OPCHECK_CASES, ids=str)
+def test_output_layout_is_what_the_fake_kernels_say(backend, conv_hw, dtype):
+    """The state comes back contiguous, or channels-last for channels-last images, whatever the
+    backend and whatever the other inputs' layouts: torch.compile plans strides with the fake kernels."""
+    u, w = make_problem(3, 5, "tanh", dtype=dtype, conv_hw=conv_hw)
+    D = torch.rand_like(u)
+    for x in _strided_inputs(u):
+        torch.library.opcheck(ops.forward_solve, (x, w, None, "tanh", 1e-6, 100, "sample", backend, "warn"))
+        torch.library.opcheck(ops.adjoint_solve, (x, w, D, 1e-6, 100, "sample", backend, "warn"))
+        z = ops.forward_solve(x, w, None, "tanh", 1e-6, 100, "sample", backend, "warn")[0]
+        h = ops.adjoint_solve(x, w, D, 1e-6, 100, "sample", backend, "warn")[0]
+        layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        assert z.is_contiguous(memory_format=layout) and h.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.skipif(not pk.available_backends()["cpu"], reason="needs the compiled extension (pcdeq_C ops)")
+@pytest.mark.parametrize("conv_hw", [None, (4, 5)], ids=str)
+def test_compiled_ops_output_layout_is_what_their_fake_kernels_say(conv_hw):
+    u, w = make_problem(3, 5, "tanh", conv_hw=conv_hw)
+    for x in _strided_inputs(u):
+        torch.library.opcheck(torch.ops.pcdeq_C.forward_solve.default, (x, w, None, 0, 1e-6, 100, False))
+        torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (x, w, torch.rand_like(u), 1e-6, 100, False))
+
+
 def test_ops_outputs_match_the_reference():
     u, w = make_problem(5, 7, "relu6")
     z, its, res, conv = torch.ops.pcdeq.forward_solve(u, w, None, "relu6", 1e-9, 300, "sample", "reference", "warn")

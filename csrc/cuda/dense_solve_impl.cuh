@@ -77,13 +77,14 @@ SolveOutputs run_dense(const DenseProblem& pr) {
     if (fits && worth) {
       auto kernel = dense_solve_block_kernel<E, MODE>;
       if (layout.bytes > kDefaultSmemLimit) {
-        // the attribute is per kernel and device; set it once per size increase
-        static std::array<std::atomic<size_t>, 64> configured{};
-        if (device >= static_cast<int>(configured.size()) || configured[device].load() < layout.bytes) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(
-              kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(layout.bytes)));
-          if (device < static_cast<int>(configured.size())) {
-            configured[device].store(layout.bytes);
+        // The attribute (per kernel and device) is a cap, not a reservation: raise it to the device's
+        // opt-in maximum once. Raising it to each launch's size would let two host threads with
+        // different d lower it under each other's launch.
+        static std::array<std::atomic<bool>, 64> raised{};
+        if (device >= static_cast<int>(raised.size()) || !raised[device].load()) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+          if (device < static_cast<int>(raised.size())) {
+            raised[device].store(true);
           }
         }
       }

@@ -60,10 +60,15 @@ def _fake_stats(x: torch.Tensor):
 
 if IMPORT_ERROR is None and hasattr(torch.ops.pcdeq_C, "forward_solve"):
 
+    # The compiled kernels return the state in ops.state_format of their input (as the op layer does).
     @torch.library.register_fake("pcdeq_C::forward_solve")
     def _(u, weight, z0, activation, tol, max_iter, batch_stop):
-        return (torch.empty_like(u), *_fake_stats(u))
+        from ..ops import empty_state
+
+        return (empty_state(u), *_fake_stats(u))
 
     @torch.library.register_fake("pcdeq_C::adjoint_solve")
     def _(v, weight, D, tol, max_iter, batch_stop):
-        return (torch.empty_like(v), *_fake_stats(v))
+        from ..ops import empty_state
+
+        return (empty_state(v), *_fake_stats(v))
