@@ -182,10 +182,12 @@ def test_max_iter_cap_and_no_convergence():
     check_max_iter_cap(cpu, u, w, "tanh", 6)
 
 
-def test_nan_residual_never_counts_as_converged():
-    u, w = make_problem(4, 6, "sigmoid")
-    u[2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
-    check_nan_residual_never_counts_as_converged(cpu, u, w, "sigmoid")
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+@pytest.mark.parametrize("conv_hw", [None, (4, 4)], ids=str)
+def test_nan_residual_never_counts_as_converged(activation, conv_hw):
+    u, w = make_problem(4, 6, activation, conv_hw=conv_hw)
+    u[(2, 3) if conv_hw is None else (2, 3, 1, 2)] = math.nan  # the op layer rejects this; the backend must still follow the rule
+    check_nan_residual_never_counts_as_converged(cpu, u, w, activation)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])

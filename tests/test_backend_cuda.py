@@ -179,11 +179,12 @@ def test_max_iter_cap_and_no_convergence(path):
 
 
 @gpu
-def test_nan_residual_never_counts_as_converged(path):
-    u, w = make_problem(40, 6, "sigmoid")
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_nan_residual_never_counts_as_converged(path, activation):
+    u, w = make_problem(40, 6, activation)
     u[2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
     u, w = _gpu(u, w)
-    check_nan_residual_never_counts_as_converged(cuda, u, w, "sigmoid")
+    check_nan_residual_never_counts_as_converged(cuda, u, w, activation)
 
 
 @gpu

@@ -197,11 +197,12 @@ def test_max_iter_cap_and_no_convergence(max_iter, schedule):
         check_max_iter_cap(cuda, u, w, "tanh", max_iter)
 
 
-def test_nan_residual_never_counts_as_converged(schedule):
-    u, w = make_problem(10, 3, "sigmoid", conv_hw=(4, 4))
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_nan_residual_never_counts_as_converged(schedule, activation):
+    u, w = make_problem(10, 3, activation, conv_hw=(4, 4))
     u[2, 1, 2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
     u, w = _gpu(u, w)
-    check_nan_residual_never_counts_as_converged(cuda, u, w, "sigmoid")
+    check_nan_residual_never_counts_as_converged(cuda, u, w, activation)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])

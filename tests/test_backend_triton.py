@@ -121,10 +121,15 @@ def test_activation_helper_matches_the_table(activation):
     act = get_activation(activation)
     x = torch.cat([torch.linspace(-30, 30, 2001), torch.logspace(-30, 1, 200), -torch.logspace(-30, 1, 200),
                    torch.tensor([0.0, 0.624999, 0.625, 0.625001, -0.625, 5.999, 6.0, 6.001, 88.0, 1e4])])
+    x = torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf])])  # NaN stays NaN, as in torch
     x = x.float().to(DEVICE)
     y = torch.empty_like(x)
     _activation_probe[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), ACT=act.kernel_id, BLOCK=1024)
     expected = act.fn(x.double())
+    assert torch.equal(y.isnan(), expected.isnan())
+    infinite = x.isinf() & ~expected.isnan()
+    assert torch.equal(y[infinite].double(), expected[infinite])  # the limits, exactly
+    y, expected, x = y[x.isfinite()], expected[x.isfinite()], x[x.isfinite()]
     # a few float32 ulp relative to the value, down to tiny |x| (tanh's polynomial branch). On a GPU
     # tl.exp(x) is ex2.approx(x * log2(e)): about 2 ulp, plus |x| * 6e-8 from rounding that product
     # (it matters only for sigmoid at very negative x, which pcDEQ's nonnegative inputs never reach).
@@ -206,6 +211,21 @@ def test_small_and_single_row_problems(kernel):
         ref = reference.forward_solve(u, w, "softsign", tol=1e-5, max_iter=100)
         assert torch.equal(out[1].cpu(), ref[1].cpu()) and torch.equal(out[3].cpu(), ref[3].cpu())
         _assert_close_rel(out[0], ref[0], 2e-6)
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_nan_never_counts_as_converged(kernel, activation):
+    """A NaN in u (the op layer rejects it; the kernels must still follow the rule) makes that row's
+    state and residual NaN, and the row runs every step unconverged, whatever the activation (relu6
+    included: a clamp written with min/max would turn the NaN into a finite, converged row)."""
+    path, precision = KERNEL_ROUTES[kernel]
+    batch, dim = SHAPES[kernel]
+    u, w = _problem(batch, dim, activation)
+    u[2, 3] = math.nan
+    z, its, res, conv = dense.forward_solve(u, w, None, activation, 1e-4, 30, "sample", path=path, precision=precision)
+    assert z[2].isnan().all() and res[2].isnan() and its[2] == 30 and not conv[2]
+    assert not z[torch.arange(batch) != 2].isnan().any() and conv[torch.arange(batch) != 2].all()
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))

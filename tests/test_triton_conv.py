@@ -164,6 +164,19 @@ def test_degenerate_shapes(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+def test_nan_never_counts_as_converged(path, activation):
+    """A NaN pixel in u (the op layer rejects it; the kernels must still follow the rule) spreads over
+    its image, whose residual is NaN: it runs every step unconverged; the other images are untouched."""
+    batch, channels, hw = SHAPES["5x7x6"]
+    u, w = _problem(batch, channels, hw, activation)
+    u[1, 2, 3, 4] = math.nan
+    z, its, res, conv_ = conv.forward_solve(u, w, None, activation, 1e-4, 30, "sample", path=path)
+    assert z[1].isnan().all() and res[1].isnan() and its[1] == 30 and not conv_[1]
+    assert not z[[0, 2]].isnan().any() and conv_[[0, 2]].all()
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_z0_and_max_iter_are_honoured(path):
     batch, channels, hw = SHAPES["5x7x6"]
     u, w = _problem(batch, channels, hw, "relu6", weight_scale=0.9)

@@ -47,7 +47,9 @@ def _activation(x, ACT: tl.constexpr):
     elif ACT == 1:
         y = x / (1.0 + tl.abs(x))
     elif ACT == 2:
-        y = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        # Not tl.minimum/maximum: their default (min.f32/max.f32, numpy's fmin/fmax in the interpreter)
+        # returns the other operand for a NaN; torch's clamp, and this, keep the NaN.
+        y = tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
     else:
         y = 1.0 / (1.0 + tl.exp(-x))
     return y
