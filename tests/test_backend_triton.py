@@ -11,6 +11,7 @@ Tolerances: float32 states agree with the reference to a few ulp amplified by th
 agree exactly except where a residual sits within 1% of ``tol`` (summation order decides those).
 """
 
+import contextlib
 import math
 import os
 import time
@@ -346,6 +347,49 @@ def test_backend_module_interface(monkeypatch):
     assert "TRITON_INTERPRET=1" in triton_backend.unavailable_reason()
     monkeypatch.setattr(triton_backend, "_triton_installed", lambda: False)
     assert "pip install triton" in triton_backend.unavailable_reason()
+
+
+def test_every_launch_is_serialised_and_made_on_the_tensors_device(monkeypatch):
+    """Each autotuned kernel (dense and conv) launches inside ``dense.launching``: holding the launch
+    lock (the autotuner's state is shared by every caller) and, for CUDA tensors, with their device
+    current (Triton launches on the current device). The device half is checked on a stand-in."""
+    from pcdeq_kernels.triton import conv
+
+    launches = []
+    for module in (dense, conv):
+        for name, kernel in module.KERNELS.items():
+            def run(*args, _run=kernel.run, _name=f"{module.__name__}.{name}", **kwargs):
+                assert dense._LAUNCH_LOCK.locked(), f"{_name} launched outside dense.launching"
+                launches.append(_name)
+                return _run(*args, **kwargs)
+
+            monkeypatch.setattr(kernel, "run", run)
+    u, w = _problem(5, 20, "tanh")
+    for path in ("single", "stepwise"):
+        dense.forward_solve(u, w, None, "tanh", path=path)
+    dense.forward_solve(*_problem(3, 140, "tanh"), None, "tanh", path="single")
+    uc, wc = make_problem(2, 3, "tanh", conv_hw=(4, 5), dtype=torch.float32)
+    for path in ("single", "stepwise"):
+        conv.forward_solve(uc.to(DEVICE), wc.to(DEVICE), None, "tanh", path=path)
+    assert {n.rsplit(".", 1)[1] for n in launches} == {"onchip", "scratch", "step"}
+    assert sum(n.startswith(conv.__name__) for n in launches) >= 2
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    with dense.launching(torch.device("cuda", 1)):
+        assert dense._LAUNCH_LOCK.locked()
+    assert entered == [torch.device("cuda", 1)] and not dense._LAUNCH_LOCK.locked()
+
+
+@GPU
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    u, w = (t.to("cuda:1") for t in _problem(37, 100, "tanh"))
+    with torch.cuda.device(0):
+        for path in ("single", "stepwise"):
+            z, its, *_ = dense.forward_solve(u, w, None, "tanh", path=path, precision="ieee")
+            ref = reference.forward_solve(u, w, "tanh")
+            assert z.device == u.device and torch.equal(its, ref[1])
 
 
 # -------------------------------------------------------------------------------- fixed_point & grads

@@ -79,7 +79,7 @@ from torch import Tensor
 from .. import reference
 from ..activations import get_activation
 from . import aot, dense
-from .dense import _arg, _check_every, _configs, _num_sms, _stats, resolve_precision
+from .dense import _arg, _check_every, _configs, _num_sms, _stats, launching, resolve_precision
 from .epilogue import ADJOINT, _close_previous_step, _initial_state, _next_state, _relative_residual
 
 # 32-bit indexing inside an image (C * H * W) and inside the packed kernel (9 * C^2).
@@ -392,11 +392,12 @@ def _solve(x0, bias, scale, weight, act_id, tol, max_iter, stop, path, precision
     if staged:
         target = torch.empty(target.shape, dtype=out.dtype, device=device)
     buf = torch.empty((2, batch, height, width, channels), dtype=torch.float32, device=device)
-    _solve_scratch_kernel[(batch,)](
-        bias if x0 is None else x0, bias, scale, w, buf, target, its, res, conv,
-        batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(tol), int(max_iter),
-        ACT=act_id, HAS_X0=x0 is not None, PRECISION=precision,
-    )
+    with launching(device):
+        _solve_scratch_kernel[(batch,)](
+            bias if x0 is None else x0, bias, scale, w, buf, target, its, res, conv,
+            batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(tol), int(max_iter),
+            ACT=act_id, HAS_X0=x0 is not None, PRECISION=precision,
+        )
     if staged:
         out.copy_(target.permute(0, 3, 1, 2))
     return out, its, res, conv
@@ -410,11 +411,12 @@ def _launch_step(x_in, x_out, bias, scale, w, bufs, act_id, geometry, tol, t, st
         tiles = batch * triton.cdiv(height * width, meta["BLOCK_P"])
         return tiles, triton.cdiv(channels, meta["BLOCK_N"]) if compute else 1
 
-    _step_kernel[grid](
-        x_in, x_out, bias, scale, w, sums, tot, active, its, res,
-        batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(tol), int(t),
-        ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
-    )
+    with launching(bias.device):
+        _step_kernel[grid](
+            x_in, x_out, bias, scale, w, sums, tot, active, its, res,
+            batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(tol), int(t),
+            ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
+        )
 
 
 def _solve_stepwise(x0, bias, scale, w, act_id, tol, max_iter, stop, precision, check_every, geometry):

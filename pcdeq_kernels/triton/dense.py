@@ -50,8 +50,10 @@ compile without register spills for sm_80 and sm_90 under Triton 3.6, 3.8 and 3.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -402,6 +404,20 @@ def _step_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
+# Triton's autotuner keeps a launch's arguments, and while it benchmarks the saved copies of the buffers
+# it restores, on the kernel object that every caller shares: launches from several host threads at
+# once (DataParallel replicas, serving threads) could mix them up, so they take turns. And a launch
+# runs on the current CUDA device and its current stream, whatever device its tensors are on.
+_LAUNCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def launching(device: torch.device):
+    """The context of every kernel launch: one launch at a time, on ``device`` (the tensors' GPU)."""
+    with _LAUNCH_LOCK, torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        yield
+
+
 def resolve_precision(precision: Optional[str] = None) -> str:
     """The ``tl.dot`` input precision for float32 matmuls: ``"ieee"`` (exact fp32) or ``"tf32"``.
 
@@ -537,16 +553,18 @@ def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path
     if x0 is None:
         x0 = bias  # a valid pointer the kernel never reads (HAS_X0=False)
     if d_pad <= ONCHIP_MAX_DIM:
-        _solve_onchip_kernel[grid](
-            x0, bias, scale, weight, out, its, res, conv,
-            batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), D_PAD=d_pad, **common,
-        )
+        with launching(device):
+            _solve_onchip_kernel[grid](
+                x0, bias, scale, weight, out, its, res, conv,
+                batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), D_PAD=d_pad, **common,
+            )
     else:
         buf = torch.empty((2, batch, dim), dtype=torch.float32, device=device)
-        _solve_scratch_kernel[grid](
-            x0, bias, scale, weight, buf, out, its, res, conv,
-            batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), **common,
-        )
+        with launching(device):
+            _solve_scratch_kernel[grid](
+                x0, bias, scale, weight, buf, out, its, res, conv,
+                batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), **common,
+            )
     return out, its, res, conv
 
 
@@ -567,11 +585,12 @@ def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stri
     def grid(meta):  # the bookkeeping-only launch needs one program per row block
         return triton.cdiv(batch, meta["BLOCK_B"]), triton.cdiv(dim, meta["BLOCK_N"]) if compute else 1
 
-    _step_kernel[grid](
-        x_in, x_out, bias, scale, weight, sums, tot, active, its, res,
-        batch, dim, stride_wk, stride_wn, float(tol), int(t),
-        ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
-    )
+    with launching(bias.device):
+        _step_kernel[grid](
+            x_in, x_out, bias, scale, weight, sums, tot, active, its, res,
+            batch, dim, stride_wk, stride_wn, float(tol), int(t),
+            ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
+        )
 
 
 def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision, check_every,
