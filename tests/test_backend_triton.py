@@ -202,6 +202,54 @@ def test_adjoint_solve_matches_reference(kernel, dtype, activation):
     _assert_solve_matches(out, ref, history, tol, rel)
 
 
+def config_id(config):
+    """``16x64x32/4w3s``: a config's block sizes, warps and stages."""
+    regs = f"/{config.maxnreg}r" if config.maxnreg else ""
+    return "x".join(map(str, config.kwargs.values())) + f"/{config.num_warps}w{config.num_stages}s{regs}"
+
+
+def config_precision(config, d_pad=128):
+    """The matmul precision a config serves (``_prune_tiles`` / ``_onchip_fits``): K blocks of 16 are
+    the ieee configs; on chip, ieee if the tile fits it."""
+    if "BLOCK_K" in config.kwargs:
+        return "ieee" if config.kwargs["BLOCK_K"] <= 16 else "tf32"
+    return "ieee" if dense._onchip_fits(config.kwargs["BLOCK_B"], d_pad, config.num_warps, "ieee") else "tf32"
+
+
+def assert_forced_config_solve(out, ref, history, tol, precision):
+    """A solve with one config forced vs the reference: to rounding (ieee, and tf32 configs under the
+    interpreter, whose dot is exact); tf32 on a GPU as test_tf32_on_gpu allows."""
+    if precision == "tf32" and not dense.INTERPRETED:
+        assert out[3].all() and (out[1].cpu() - ref[1].cpu()).abs().max() <= 3
+        _assert_close_rel(out[0], ref[0], 2e-3)
+    else:
+        _assert_solve_matches(out, ref, history, tol, 2e-6)
+
+
+@pytest.mark.parametrize("kernel, config", [(k, c) for k, cs in dense.CONFIGS.items() for c in cs],
+                         ids=lambda v: config_id(v) if isinstance(v, triton.Config) else v)
+def test_every_config_solves_like_the_reference(kernel, config, monkeypatch):
+    """Every config the autotuner may pick on a GPU (the interpreter otherwise runs only the first),
+    forced, solves a ragged problem forward and backward as the reference does: the masks and loops
+    hold for every tile shape."""
+    monkeypatch.setattr(dense.KERNELS[kernel], "configs", [config])  # one config: launched as it is
+    monkeypatch.setattr(dense.KERNELS[kernel], "best_config", None, raising=False)
+    path = "stepwise" if kernel == "step" else "single"
+    batch, dim = SHAPES["stepwise" if kernel == "step" else kernel]
+    precision = config_precision(config)
+    u, w = _problem(batch, dim, "tanh")
+    out = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision=precision)
+    ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200)
+    history = _residual_history(lambda z: torch.tanh(z @ w.T + u), torch.zeros_like(u), int(ref[1].max()) + 1)
+    assert_forced_config_solve(out, ref, history, 1e-4, precision)
+    v, w, D = _adjoint_problem(batch, dim, "sigmoid")
+    out = dense.adjoint_solve(v, w, D, 1e-4, 200, "sample", path=path, precision=precision)
+    ref = reference.adjoint_solve(v, w, D, tol=1e-4, max_iter=200)
+    history = _residual_history(lambda h: D * (h @ w + v), D * v, int(ref[1].max()) + 1)
+    assert_forced_config_solve(out, ref, history, 1e-4, precision)
+    assert dense.KERNELS[kernel].best_config is config
+
+
 @pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))
 def test_small_and_single_row_problems(kernel):
     """Shapes far below every block size (d = 1, B = 1) go through the masks alone."""
@@ -267,6 +315,16 @@ def test_stepwise_results_do_not_depend_on_how_often_the_host_checks():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+def test_stepwise_state_planes_start_aligned():
+    """Both planes start 128 bytes apart at least (Triton specialises a launch on 16-byte aligned
+    pointers: misaligned odd planes would compile every step kernel twice), whatever the shape."""
+    for shape in [(3, 5), (37, 100), (1, 1), (2, 7, 5, 3)]:
+        x = dense.state_planes(shape, DEVICE)
+        assert x.shape == (2, *shape) and x.dtype == torch.float32
+        assert x[0].is_contiguous() and x[1].is_contiguous()
+        assert (x[1].data_ptr() - x[0].data_ptr()) % 128 == 0 and x[1].data_ptr() - x[0].data_ptr() >= x[0].numel() * 4
 
 
 def test_empty_batch():
@@ -475,7 +533,9 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90_without_spills():
     """Compile every configuration (dense.aot_plan; PCDEQ_AOT_FULL=1 for the whole product) with the
     real compiler, outside the interpreter, two processes in parallel; check spills and shared memory."""
     results = aot.compile_plan_in_workers("dense", full=AOT_FULL)
-    assert len(results) > 100
+    kernels = {(r["kernel"], r["precision"], r["capability"], r["aligned"]) for r in results}
+    assert len(kernels) == 3 * 2 * 2 * 2 and len(results) > 200  # kernels, precisions, targets, alignments
+    assert {r["has_x0"] for r in results if r["kernel"] != "step"} == {False, True}
     spilled = [r for r in results if not aot.spills_accepted(r)]
     assert not spilled, "register spills:\n" + "\n".join(map(str, spilled))
     too_big = [r for r in results if r["shared"] > dense.SHARED_MEMORY_LIMIT[r["capability"]]]

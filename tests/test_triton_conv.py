@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+
 import pcdeq_kernels as pk  # noqa: E402
 from pcdeq_kernels import reference  # noqa: E402
 from pcdeq_kernels.activations import get_activation  # noqa: E402
@@ -40,6 +42,9 @@ from test_backend_triton import (  # noqa: E402
     _assert_close_rel,
     _assert_solve_matches,
     _residual_history,
+    assert_forced_config_solve,
+    config_id,
+    config_precision,
 )
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason=triton_backend.unavailable_reason())
@@ -150,6 +155,29 @@ def test_adjoint_solve_matches_reference(path, shape, activation):
     history = _residual_history(adjoint_map(v.float(), w.float(), D.float()), D.float() * v.float(), int(ref[1].max()) + 1)
     _assert_solve_matches(out, ref, history, TOL, _rel(v.dtype))
     assert ref[3].all()
+
+
+@pytest.mark.parametrize("kernel, config", [(k, c) for k, cs in conv.CONFIGS.items() for c in cs],
+                         ids=lambda v: config_id(v) if isinstance(v, triton.Config) else v)
+def test_every_config_solves_like_the_reference(kernel, config, monkeypatch):
+    """Every config the autotuner may pick on a GPU (the interpreter otherwise runs only the first),
+    forced, solves a ragged problem (17 channels, 9 x 9 images) forward and backward as the reference does."""
+    monkeypatch.setattr(conv.KERNELS[kernel], "configs", [config])  # one config: launched as it is
+    monkeypatch.setattr(conv.KERNELS[kernel], "best_config", None, raising=False)
+    path = "stepwise" if kernel == "step" else "single"
+    precision = config_precision(config)
+    batch, channels, hw = SHAPES["17x9x9"]
+    u, w = _problem(batch, channels, hw, "tanh")
+    out = conv.forward_solve(u, w, None, "tanh", TOL, 200, "sample", path=path, precision=precision)
+    ref = reference.forward_solve(u, w, "tanh", tol=TOL, max_iter=200)
+    history = _residual_history(forward_map(u, w, "tanh"), torch.zeros_like(u), int(ref[1].max()) + 1)
+    assert_forced_config_solve(out, ref, history, TOL, precision)
+    v, w, D = _adjoint_problem(batch, channels, hw, "sigmoid")
+    out = conv.adjoint_solve(v, w, D, TOL, 200, "sample", path=path, precision=precision)
+    ref = reference.adjoint_solve(v, w, D, tol=TOL, max_iter=200)
+    history = _residual_history(adjoint_map(v, w, D), D * v, int(ref[1].max()) + 1)
+    assert_forced_config_solve(out, ref, history, TOL, precision)
+    assert conv.KERNELS[kernel].best_config is config
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -79,7 +79,7 @@ from torch import Tensor
 from .. import reference
 from ..activations import get_activation
 from . import aot, dense
-from .dense import _arg, _check_every, _configs, _num_sms, _stats, launching, resolve_precision
+from .dense import _arg, _check_every, _configs, _num_sms, _stats, _tuned, launching, resolve_precision
 from .epilogue import ADJOINT, _close_previous_step, _initial_state, _next_state, _relative_residual
 
 # 32-bit indexing inside an image (C * H * W) and inside the packed kernel (9 * C^2).
@@ -104,10 +104,12 @@ SINGLE_LAUNCH_MAX_FLOPS = 2 * 16 * 512 * 512
 # are 16 x 32 over 2 warps (what C <= 32 takes), 16 x 64 over 4 and 64 x 64 over 16. The first entry is
 # the one the interpreter runs, whatever the precision: its cost is per operation, not per element, so
 # 64 x 32 tiles keep the tests fast while their images (up to 81 pixels, 40 channels) still span several
-# pixel tiles, channel tiles and K blocks.
+# pixel tiles, channel tiles and K blocks. The 16 x 32 ieee tile says maxnreg=128: left to itself,
+# Triton 3.6's ptxas stops it at 80 registers and spills 24 bytes when given z0 with C, H, W and B
+# multiples of 16 (bfloat16, sm_80).
 SCRATCH_CONFIGS = _configs(
     [(64, 32, 32, 4, 1), (64, 32, 32, 8, 2), (64, 64, 32, 8, 1),
-     (16, 32, 16, 2, 1), (16, 64, 16, 4, 1), (64, 64, 16, 16, 1)],
+     (16, 32, 16, 2, 1, 128), (16, 64, 16, 4, 1), (64, 64, 16, 16, 1)],
     ("BLOCK_P", "BLOCK_N", "BLOCK_K"),
 )
 # The step kernel's 64 x 64 ieee tile runs 1 stage: with 2, Triton 3.6's ptxas spills 32 bytes (tanh,
@@ -167,7 +169,7 @@ def _conv_tile(x_ptr, w_ptr, pix, pix_ok, cols_n, C, H, Wd, stride_wt, stride_wk
     return acc
 
 
-@triton.autotune(configs=SCRATCH_CONFIGS, key=["B", "C", "H", "Wd", "PRECISION"],
+@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
@@ -240,7 +242,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=STEP_CONFIGS, key=["B", "C", "H", "Wd", "PRECISION"],
+    configs=_tuned(STEP_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_tiles},
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
@@ -422,7 +424,7 @@ def _launch_step(x_in, x_out, bias, scale, w, bufs, act_id, geometry, tol, t, st
 def _solve_stepwise(x0, bias, scale, w, act_id, tol, max_iter, stop, precision, check_every, geometry):
     """The host loop of step launches on NHWC tensors; returns the float32 NHWC state and the stats."""
     batch = bias.shape[0]
-    x = torch.empty((2, *bias.shape), dtype=torch.float32, device=bias.device)
+    x = dense.state_planes(bias.shape, bias.device)
     if x0 is not None:
         x[0].copy_(x0)
     elif act_id == ADJOINT:
@@ -513,13 +515,13 @@ def adjoint_step(h: Tensor, v: Tensor, weight: Tensor, D: Tensor, *, precision: 
 # stride (+-C^2, never 1). "W1": the weight stride that is 1 (stride_wk forward, stride_wn adjoint).
 _ARG_TYPES = {**dense._ARG_TYPES, "C": "i32", "H": "i32", "Wd": "i32", "stride_wt": "i32"}
 KERNELS = {"scratch": _solve_scratch_kernel, "step": _step_kernel}
+CONFIGS = {"scratch": SCRATCH_CONFIGS, "step": STEP_CONFIGS}
 
 
 def aot_variants(kernel: str, precision: str, *, channels: int = 256, pixels: int = 4096, batch: int = 1 << 20):
-    """The launch configurations the autotuner may pick for ``kernel`` (after pruning)."""
-    tuner = KERNELS[kernel]
+    """The launch configurations the autotuner may pick for ``kernel`` on a GPU (after pruning)."""
     named = {"B": batch, "C": channels, "H": pixels, "Wd": 1, "PRECISION": precision}
-    return tuner.early_config_prune(tuner.configs, named)
+    return KERNELS[kernel].early_config_prune(CONFIGS[kernel], named)
 
 
 def aot_plan(full: bool = False) -> list[dict]:
@@ -527,11 +529,12 @@ def aot_plan(full: bool = False) -> list[dict]:
 
     ``full=True``: the whole product: capability x precision x kernel x pruned config x epilogue (the
     four activations and the adjoint) x operand dtype x ``aligned``, and the step kernel's three
-    variants: 1200 compiles. The default, 76: every (capability, precision, kernel, config) with the
-    adjoint epilogue in float32 (it loads D as well as v) and tanh in bfloat16, the latter also
+    variants, the scratch kernel's two (``has_x0``: z0 given or not): 1620 compiles. The default, 94:
+    every (capability, precision, kernel, config) with the adjoint epilogue in float32 (it loads D as well as v) and tanh in bfloat16, the latter also
     aligned; plus, on sm_90 under "ieee", every epilogue in float32 and bfloat16 for each kernel's first
     config (float16 operands compile as bfloat16 ones do: 16-bit loads converted in registers); the
-    step kernel in its largest variant (stop="batch", with the convolution).
+    step kernel in its largest variant (stop="batch", with the convolution); the scratch kernel also
+    given z0 in its aligned tanh bfloat16 compiles.
     """
     epilogues = (ADJOINT, 0, 1, 2, 3)
     everything = [(act, dt, al) for act in epilogues for dt in aot.TRITON_DTYPES for al in (False, True)]
@@ -542,10 +545,11 @@ def aot_plan(full: bool = False) -> list[dict]:
     for capability in dense.AOT_CAPABILITIES:
         for precision in dense.PRECISIONS:
             for kernel in KERNELS:
-                variants = [{}]
                 if kernel == "step":
                     variants = [dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False))]
-                    variants = variants if full else variants[:1]
+                else:
+                    variants = [dict(has_x0=False), dict(has_x0=True)]
+                variants = variants if full else variants[:1]
                 for i, config in enumerate(aot_variants(kernel, precision)):
                     if full:
                         chosen = everything
@@ -554,7 +558,9 @@ def aot_plan(full: bool = False) -> list[dict]:
                     else:
                         chosen = base
                     for act, dtype, aligned in chosen:
-                        for extra in variants:
+                        # given z0: the aligned tanh bfloat16 compile of the default plan
+                        given = [dict(has_x0=True)] if kernel == "scratch" and aligned and not full else []
+                        for extra in variants + given:
                             plan.append(dict(kernel=kernel, config=config, act_id=act, dtype=dtype, aligned=aligned,
                                              precision=precision, capability=capability, **extra))
     return plan
@@ -565,14 +571,14 @@ _SHAPE_ARGS = ("B", "C", "H", "Wd", "stride_wt", "stride_wk", "stride_wn")
 
 
 def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precision: str, capability: int,
-                stop_batch: bool = False, compute: bool = True, aligned: bool = False) -> dict:
+                stop_batch: bool = False, compute: bool = True, aligned: bool = False, has_x0: bool = False) -> dict:
     """Compile one kernel configuration for ``sm_<capability>`` without a GPU; return its resource use:
     ``{"registers", "spill_bytes" (0: no spills), "shared" (bytes), "num_warps", "num_stages"}``.
     ``aligned``: the variant Triton compiles when C, H, W and B are multiples of 16 (it specialises
     such arguments: loads are vectorised, far fewer registers)."""
     constexprs = dict(ACT=act_id, PRECISION=precision, **config.kwargs)
     if kernel == "scratch":
-        constexprs.update(HAS_X0=False)
+        constexprs.update(HAS_X0=has_x0)
     else:
         constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute)
     unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"

@@ -97,13 +97,20 @@ SINGLE_LAUNCH_MAX_DIM = 512
 
 
 def _configs(entries, names):
-    """triton.Config list from tuples ``(*block sizes, num_warps, num_stages)``.
+    """triton.Config list from tuples ``(*block sizes, num_warps, num_stages[, maxnreg])``."""
+    configs = []
+    for e in entries:
+        num_warps, num_stages, *maxnreg = e[len(names):]
+        configs.append(triton.Config(dict(zip(names, e[:len(names)])), num_warps=num_warps, num_stages=num_stages,
+                                     maxnreg=maxnreg[0] if maxnreg else None))
+    return configs
 
-    The interpreter runs only the first config anyway; giving it only that one also skips the
-    autotuner's benchmarking (and makes the tiles it tests the ones listed first: small, so that small
-    test problems still span several tiles).
-    """
-    configs = [triton.Config(dict(zip(names, e[:-2])), num_warps=e[-2], num_stages=e[-1]) for e in entries]
+
+def _tuned(configs):
+    """The configs a kernel's autotuner gets. The interpreter runs only the first config anyway; giving
+    it only that one also skips the autotuner's benchmarking (and makes the tiles it tests the ones
+    listed first: small, so that small test problems still span several tiles). Tests of the other
+    configs force them one at a time (an autotuner with one config launches it as it is)."""
     return configs[:1] if INTERPRETED else configs
 
 
@@ -116,11 +123,13 @@ ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 
 # 3.8 and 3.9 (tests/test_backend_triton.py; aot.spills_accepted). Many nearby ones do not, in one
 # version or another: ptxas often caps a kernel at an occupancy step (80, 128 or 168 registers) and
 # spills 8 bytes to get there; so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages)
-# give way to 16 x 128 and 32 x 64 tiles over 16 warps, and the step kernel's tf32 64 x 128 tile to
-# 32 x 128.
+# give way to 16 x 128 tiles and 32 x 64 tiles over 8 warps, and the step kernel's tf32 64 x 128 tile to
+# 32 x 128. The 16-warp scratch tile says maxnreg=128, which is all a 512-thread block can have anyway:
+# left to itself, ptxas aims at two blocks per SM (64 registers) when B and d are multiples of 16, and
+# spills 24 to 40 bytes. (32 x 64 over 16 warps still spills 8 bytes at 128 registers under 3.6.)
 SCRATCH_CONFIGS = _configs(
     [(16, 64, 32, 4, 2), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
-     (16, 128, 16, 16, 1), (32, 64, 16, 16, 1), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
+     (16, 128, 16, 16, 1, 128), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
 )
 STEP_CONFIGS = _configs(
@@ -136,7 +145,9 @@ ONCHIP_MAX_DIM = 128  # largest padded d the on-chip kernel takes (M: 64 KB of f
 # 8 under ieee (the FMA dot holds more operand values); 4 warps serve only tiles up to 16 x 32; 16
 # warps only D_PAD = 128, where ieee needs them: 16 x 128 over 8 warps spills hundreds of bytes under
 # Triton 3.6. Two tiles within the ieee rule spill a few bytes at an occupancy step ptxas picks (80
-# registers), each in one version: 32 x 32 over 8 warps (3.6) and 64 x 16 over 8 warps (3.9).
+# registers), each in one version: 32 x 32 over 8 warps (3.6) and 64 x 16 over 8 warps (3.9); and
+# one within the tf32 rule, 32 x 128 over 8 warps, spills 24 bytes at 128 registers under 3.6 when B
+# and d are multiples of 16 (adjoint, float32, sm_90).
 _ONCHIP_FITS = {
     ("ieee", 16): {(16, 4), (16, 8), (32, 8)},
     ("ieee", 32): {(16, 4), (16, 8), (64, 8)},
@@ -145,7 +156,7 @@ _ONCHIP_FITS = {
     ("tf32", 16): {(16, 4), (16, 8), (32, 8), (64, 8)},
     ("tf32", 32): {(16, 4), (16, 8), (32, 8), (64, 8)},
     ("tf32", 64): {(16, 8), (32, 8), (64, 8)},
-    ("tf32", 128): {(16, 8), (32, 8), (32, 16)},
+    ("tf32", 128): {(16, 8), (32, 16)},
 }
 
 # Triton 3.8 (what torch 2.14 pins) lays out the ieee dot at D_PAD = 128 so that ptxas, on sm_90, keeps
@@ -191,7 +202,7 @@ def _prune_tiles(configs, named_args, **kwargs):
 # the registers. Tiles needed only by the epilogue are loaded after the K loop, for the same reason.
 
 
-@triton.autotune(configs=ONCHIP_CONFIGS, key=["B", "d", "PRECISION"],
+@triton.autotune(configs=_tuned(ONCHIP_CONFIGS), key=["B", "d", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_onchip})
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_onchip_kernel(
@@ -268,7 +279,7 @@ def _matmul_tile(a_ptr, w_ptr, row_ok, cols_n, d, stride_wk, stride_wn, PRECISIO
     return acc
 
 
-@triton.autotune(configs=SCRATCH_CONFIGS, key=["B", "d", "PRECISION"],
+@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "d", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
@@ -343,7 +354,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=STEP_CONFIGS, key=["B", "d", "PRECISION"], prune_configs_by={"early_config_prune": _prune_tiles},
+    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION"], prune_configs_by={"early_config_prune": _prune_tiles},
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
 )
@@ -568,6 +579,16 @@ def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path
     return out, its, res, conv
 
 
+def state_planes(shape, device) -> Tensor:
+    """Two float32 state planes ``(2, *shape)`` for the stepwise loop, each starting on a 128-byte
+    boundary. A launch specialises its pointers on 16-byte alignment: with ``shape`` of a size not
+    divisible by 4, back-to-back planes would compile every step kernel twice and run the odd steps
+    without vectorised loads."""
+    size = math.prod(shape)
+    padded = -(-size // 32) * 32
+    return torch.empty((2, padded), dtype=torch.float32, device=device)[:, :size].view(2, *shape)
+
+
 def _step_buffers(batch, device):
     sums = torch.zeros((3, 2, batch), dtype=torch.float32, device=device)
     tot = torch.zeros((3, 2), dtype=torch.float32, device=device)
@@ -597,7 +618,7 @@ def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, s
                     stride_wk, stride_wn):
     batch, dim = bias.shape
     device = bias.device
-    x = torch.empty((2, batch, dim), dtype=torch.float32, device=device)
+    x = state_planes((batch, dim), device)
     if x0 is not None:
         x[0].copy_(x0)
     elif act_id == ADJOINT:
@@ -689,15 +710,18 @@ _ARG_TYPES = {
     "B": "i32", "d": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
 }
 KERNELS = {"onchip": _solve_onchip_kernel, "scratch": _solve_scratch_kernel, "step": _step_kernel}
+CONFIGS = {"onchip": ONCHIP_CONFIGS, "scratch": SCRATCH_CONFIGS, "step": STEP_CONFIGS}
 
 
 def aot_variants(kernel: str, precision: str, *, d_pad: int = 128, batch: int = 1 << 20):
-    """The launch configurations the autotuner may pick for ``kernel`` (after pruning)."""
-    tuner = KERNELS[kernel]
-    return tuner.early_config_prune(tuner.configs, {"B": batch, "D_PAD": d_pad, "PRECISION": precision})
+    """The launch configurations the autotuner may pick for ``kernel`` on a GPU (after pruning)."""
+    return KERNELS[kernel].early_config_prune(CONFIGS[kernel], {"B": batch, "D_PAD": d_pad, "PRECISION": precision})
 
 
 AOT_CAPABILITIES = (80, 90)
+# The integer arguments a launch specialises as multiples of 16 when they are (B, d and the weight
+# stride that is not 1, which is d).
+_SHAPE_ARGS = ("B", "d", "stride_wk", "stride_wn")
 # Largest shared memory one block may opt in to, by compute capability (A100: 163 KB, H100: 227 KB).
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -705,11 +729,15 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 def aot_plan(full: bool = False) -> list[dict]:
     """Keyword sets for ``aot_compile`` that cover every kernel configuration a launch can compile.
 
-    ``full=True``: the whole product (capability x precision x kernel x pruned config x epilogue (the
-    four activations and the adjoint) x operand dtype, every on-chip D_PAD, both step kernel variants):
-    about 2000 compiles. The default covers every (capability, precision, kernel, config) with the
-    adjoint epilogue in float32 (the most registers on chip: it keeps D as well as v) and tanh in
-    bfloat16, plus, on sm_90, every (epilogue, dtype) pair for each kernel's first config: about 170.
+    A launch compiles a variant per (epilogue, operand dtype, whether B and d are multiples of 16
+    (``aligned``: Triton then specialises them, and the weight stride d, as such), whether z0 is given
+    (``has_x0``; the single-launch kernels), the step kernel's stop rule and bookkeeping-only launch).
+    ``full=True``: the whole product (capability x precision x kernel x pruned config x the four
+    activations and the adjoint x operand dtype x aligned x those variants, every on-chip D_PAD):
+    about 5000 compiles. The default covers every (capability, precision, kernel, config), each with
+    the adjoint epilogue in float32 (the most registers on chip: it keeps D as well as v) and tanh in
+    bfloat16, both aligned or not (given z0 when aligned); plus, on sm_90, every (epilogue, dtype)
+    pair for each kernel's first config: about 340.
     """
     pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in aot.TRITON_DTYPES]
     plan = []
@@ -717,37 +745,42 @@ def aot_plan(full: bool = False) -> list[dict]:
         for precision in PRECISIONS:
             for kernel in KERNELS:
                 d_pads = [16, 32, 64, 128] if full and kernel == "onchip" else [ONCHIP_MAX_DIM]
-                variants = [dict(stop_batch=b, compute=c) for b, c in ((False, True), (True, True), (False, False))]
-                if kernel != "step":
-                    variants = [{}]
-                elif not full:
-                    variants = [dict(stop_batch=True, compute=True)]
+                if kernel == "step":
+                    variants = [dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False))]
+                else:
+                    variants = [dict(has_x0=False), dict(has_x0=True)]
                 for d_pad in d_pads:
                     for i, config in enumerate(aot_variants(kernel, precision, d_pad=d_pad)):
-                        if full or (i == 0 and capability == 90):
-                            chosen = pairs
+                        if full:
+                            chosen = [(act, dt, al, v) for act, dt in pairs for al in (False, True) for v in variants]
                         else:
-                            chosen = [(ADJOINT, torch.float32), (0, torch.bfloat16)]
-                        for act, dtype in chosen:
-                            for extra in variants:
-                                plan.append(dict(kernel=kernel, config=config, act_id=act, dtype=dtype,
-                                                 precision=precision, capability=capability, d_pad=d_pad, **extra))
+                            chosen = [(act, dt, al, variants[al and kernel != "step"])
+                                      for act, dt in [(ADJOINT, torch.float32), (0, torch.bfloat16)] for al in (False, True)]
+                            if i == 0 and capability == 90:
+                                chosen += [(act, dt, False, variants[0]) for act, dt in pairs
+                                           if (act, dt) not in ((ADJOINT, torch.float32), (0, torch.bfloat16))]
+                        for act, dtype, aligned, extra in chosen:
+                            plan.append(dict(kernel=kernel, config=config, act_id=act, dtype=dtype, precision=precision,
+                                             capability=capability, d_pad=d_pad, aligned=aligned, **extra))
     return plan
 
 
 def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precision: str, capability: int,
-                d_pad: int = 128, stop_batch: bool = False, compute: bool = True) -> dict:
+                d_pad: int = 128, stop_batch: bool = False, compute: bool = True, aligned: bool = False,
+                has_x0: bool = False) -> dict:
     """Compile one kernel configuration for ``sm_<capability>`` without a GPU; return its resource use.
 
     Returns ``{"registers", "spill_bytes" (per-thread local memory: 0 means no spills), "shared" (bytes
-    of shared memory), "num_warps", "num_stages"}`` (``aot.compile_for_gpu``).
+    of shared memory), "num_warps", "num_stages"}`` (``aot.compile_for_gpu``). ``aligned``: the variant
+    a launch compiles when B and d are multiples of 16.
     """
     constexprs = dict(ACT=act_id, PRECISION=precision, **config.kwargs)
     if kernel == "onchip":
         constexprs.update(D_PAD=d_pad)
     if kernel in ("onchip", "scratch"):
-        constexprs.update(HAS_X0=False)
+        constexprs.update(HAS_X0=has_x0)
     if kernel == "step":
         constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute)
     weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
-    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config, capability)
+    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config, capability,
+                               divisible=_SHAPE_ARGS if aligned else ())

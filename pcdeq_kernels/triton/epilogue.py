@@ -68,7 +68,10 @@ def _epilogue(acc, bias, scale, ACT: tl.constexpr):
 @triton.jit
 def _relative_residual(diff_sq, norm_sq):
     """``||x_{k+1} - x_k|| / (||x_{k+1}|| + 1e-5)`` from the two squared norms."""
-    return tl.sqrt(diff_sq) / (tl.sqrt(norm_sq) + _EPS)
+    # Correctly rounded, as torch computes the reference's: tl.sqrt and / compile to approximate
+    # instructions (sqrt.approx, div.full: an ulp or two off), which could move a residual sitting on
+    # tol across it. Per row, so the cost is nil.
+    return tl.div_rn(tl.sqrt_rn(diff_sq), tl.sqrt_rn(norm_sq) + _EPS)
 
 
 @triton.jit
