@@ -10,6 +10,11 @@ the values the dispatcher cannot see statically (negative or non-finite entries:
 call) and apply the non-convergence policy, so every backend behaves the same way and
 ``torch.compile`` sees one opaque op per solve (the fake kernels give it the output shapes).
 Gradients are attached one level up, in ``functional.py``.
+
+Those host reads (and the stepwise loops' convergence checks) cannot be part of a CUDA graph: the ops
+are tagged ``cudagraph_unsafe``, so ``torch.compile(mode="reduce-overhead")`` keeps them out of its
+graphs, and a solve called while a stream is being captured (``torch.cuda.graph``) is refused with a
+clear error instead of failing inside the capture.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
 
 class NonConvergenceError(RuntimeError):
     """Raised when ``on_nonconvergence="raise"`` and some sample did not meet ``tol`` within ``max_iter``."""
+
+
+def _check_not_capturing(x: Tensor) -> None:
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "a pcDEQ solve cannot be captured in a CUDA graph (torch.cuda.graph): it checks its inputs and its "
+            "convergence on the host. Run the pcDEQ layer outside the captured region (torch.compile with "
+            "mode='reduce-overhead' does so by itself)"
+        )
 
 
 def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor]) -> None:
@@ -94,7 +108,7 @@ def _stat_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     )
 
 
-@torch.library.custom_op("pcdeq::forward_solve", mutates_args=())
+@torch.library.custom_op("pcdeq::forward_solve", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def forward_solve(
     u: Tensor,
     weight: Tensor,
@@ -106,6 +120,7 @@ def forward_solve(
     backend: str,
     on_nonconvergence: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_not_capturing(u)
     _check_values(u, weight, z0)
     z, its, res, conv = backends.get(backend).forward_solve(u, weight, z0, activation, tol, max_iter, stop)
     _apply_policy("forward", conv, res, tol, max_iter, on_nonconvergence)
@@ -117,7 +132,7 @@ def _(u, weight, z0, activation, tol, max_iter, stop, backend, on_nonconvergence
     return (empty_state(u), *_stat_outputs(u))
 
 
-@torch.library.custom_op("pcdeq::adjoint_solve", mutates_args=())
+@torch.library.custom_op("pcdeq::adjoint_solve", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def adjoint_solve(
     v: Tensor,
     weight: Tensor,
@@ -128,6 +143,7 @@ def adjoint_solve(
     backend: str,
     on_nonconvergence: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_not_capturing(v)
     h, its, res, conv = backends.get(backend).adjoint_solve(v, weight, D, tol, max_iter, stop)
     _apply_policy("backward", conv, res, tol, max_iter, on_nonconvergence)
     return h.contiguous(memory_format=state_format(v)), its, res, conv

@@ -70,6 +70,25 @@ def test_compiled_ops_output_layout_is_what_their_fake_kernels_say(conv_hw):
         torch.library.opcheck(torch.ops.pcdeq_C.adjoint_solve.default, (x, w, torch.rand_like(u), 1e-6, 100, False))
 
 
+def test_ops_are_kept_out_of_cuda_graphs():
+    """The solves read the host (input checks, convergence): torch.compile's cudagraphs must leave them out."""
+    for op in (torch.ops.pcdeq.forward_solve.default, torch.ops.pcdeq.adjoint_solve.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+def test_capturing_a_solve_in_a_cuda_graph_is_a_clear_error(backend):
+    if not pk.available_backends()[backend]:
+        pytest.skip(f"backend {backend} is not available here")
+    u, w = (t.cuda() for t in make_problem(4, 8, "tanh", dtype=torch.float32))
+    pk.fixed_point(u, w, backend=backend)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        with torch.cuda.graph(graph):
+            pk.fixed_point(u, w, backend=backend)
+
+
 def test_ops_outputs_match_the_reference():
     u, w = make_problem(5, 7, "relu6")
     z, its, res, conv = torch.ops.pcdeq.forward_solve(u, w, None, "relu6", 1e-9, 300, "sample", "reference", "warn")

@@ -40,8 +40,7 @@ inline void check_not_capturing(cudaStream_t stream) {
   TORCH_CHECK(
       status == cudaStreamCaptureStatusNone,
       "pcdeq cuda: this solve reads convergence flags on the host every few steps and cannot be captured in a "
-      "CUDA graph (torch.cuda.graph, torch.compile(mode=\"reduce-overhead\")); run the pcDEQ layer outside the "
-      "graph, or for dense problems that fit on chip force the single-launch solve (PCDEQ_CUDA_PATH=single)");
+      "CUDA graph (torch.cuda.graph); run the pcDEQ layer outside the captured region");
 }
 
 inline void check_capability(const char* op, const at::Device& device) {
