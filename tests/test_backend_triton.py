@@ -317,6 +317,25 @@ def test_stepwise_results_do_not_depend_on_how_often_the_host_checks():
             assert torch.equal(a, b)
 
 
+def test_autotuning_can_be_turned_off(monkeypatch):
+    """PCDEQ_TRITON_AUTOTUNE=0: each launch gets the first config that suits it (no compiling and timing
+    of the others); 1 (the default): all that suit it; anything else is an error."""
+    from pcdeq_kernels.triton import conv
+
+    named = {"B": 1000, "d": 300, "D_PAD": 128, "PRECISION": "tf32", "C": 64, "H": 16, "Wd": 16}
+    prunes = [(dense._prune_onchip, dense.ONCHIP_CONFIGS), (dense._prune_tiles, dense.STEP_CONFIGS),
+              (dense._prune_tiles, dense.SCRATCH_CONFIGS), (conv._prune_tiles, conv.STEP_CONFIGS)]
+    monkeypatch.delenv("PCDEQ_TRITON_AUTOTUNE", raising=False)
+    every = [prune(configs, named) for prune, configs in prunes]
+    assert all(len(kept) > 1 for kept in every)
+    monkeypatch.setenv("PCDEQ_TRITON_AUTOTUNE", "0")
+    assert [prune(configs, named) for prune, configs in prunes] == [kept[:1] for kept in every]
+    assert dense.aot_variants("step", "tf32") == every[1]  # the AOT plan covers every config regardless
+    monkeypatch.setenv("PCDEQ_TRITON_AUTOTUNE", "off")
+    with pytest.raises(ValueError, match="PCDEQ_TRITON_AUTOTUNE must be 0 or 1"):
+        dense._prune_tiles(dense.STEP_CONFIGS, named)
+
+
 def test_stepwise_state_planes_start_aligned():
     """Both planes start 128 bytes apart at least (Triton specialises a launch on 16-byte aligned
     pointers: misaligned odd planes would compile every step kernel twice), whatever the shape."""

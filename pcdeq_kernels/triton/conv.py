@@ -79,7 +79,7 @@ from torch import Tensor
 from .. import reference
 from ..activations import get_activation
 from . import aot, dense
-from .dense import _arg, _check_every, _configs, _num_sms, _stats, _tuned, launching, resolve_precision
+from .dense import _arg, _check_every, _configs, _num_sms, _stats, _tuned, autotuned, launching, resolve_precision
 from .epilogue import ADJOINT, _close_previous_step, _initial_state, _next_state, _relative_residual
 
 # 32-bit indexing inside an image (C * H * W) and inside the packed kernel (9 * C^2).
@@ -122,7 +122,7 @@ STEP_CONFIGS = _configs(
 )
 
 
-def _prune_tiles(configs, named_args, **kwargs):
+def _tile_candidates(configs, named_args, **kwargs):
     """Configs of the requested precision whose tiles are not mostly padding for this C and H * W."""
     ieee = _arg(named_args, kwargs, "PRECISION") == "ieee"
     channels = max(16, triton.next_power_of_2(_arg(named_args, kwargs, "C")))
@@ -130,6 +130,9 @@ def _prune_tiles(configs, named_args, **kwargs):
     same = [c for c in configs if (c.kwargs["BLOCK_K"] <= 16) == ieee] or configs[:1]
     kept = [c for c in same if c.kwargs["BLOCK_N"] <= channels and c.kwargs["BLOCK_P"] <= pixels]
     return kept or [min(same, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"])]
+
+
+_prune_tiles = autotuned(_tile_candidates)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -169,7 +172,7 @@ def _conv_tile(x_ptr, w_ptr, pix, pix_ok, cols_n, C, H, Wd, stride_wt, stride_wk
     return acc
 
 
-@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION"],
+@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
@@ -242,7 +245,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=_tuned(STEP_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION"],
+    configs=_tuned(STEP_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
     prune_configs_by={"early_config_prune": _prune_tiles},
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
@@ -521,7 +524,7 @@ CONFIGS = {"scratch": SCRATCH_CONFIGS, "step": STEP_CONFIGS}
 def aot_variants(kernel: str, precision: str, *, channels: int = 256, pixels: int = 4096, batch: int = 1 << 20):
     """The launch configurations the autotuner may pick for ``kernel`` on a GPU (after pruning)."""
     named = {"B": batch, "C": channels, "H": pixels, "Wd": 1, "PRECISION": precision}
-    return KERNELS[kernel].early_config_prune(CONFIGS[kernel], named)
+    return _tile_candidates(CONFIGS[kernel], named)
 
 
 def aot_plan(full: bool = False) -> list[dict]:

@@ -118,7 +118,7 @@ def _tuned(configs):
 ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 16, 1), (16, 16, 1)], ("BLOCK_B",))
 # (BLOCK_B, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K = 16 serves PRECISION="ieee": Triton's
 # fp32 FMA dot holds each thread's slice of both operands for the whole K block in registers, which
-# spills beyond 16; the tensor-core ("tf32") configs take 32 (_prune_tiles). Every config listed
+# spills beyond 16; the tensor-core ("tf32") configs take 32 (_tile_candidates). Every config listed
 # compiles without spills for sm_80 and sm_90 with every epilogue and operand dtype, under Triton 3.6,
 # 3.8 and 3.9 (tests/test_backend_triton.py; aot.spills_accepted). Many nearby ones do not, in one
 # version or another: ptxas often caps a kernel at an occupancy step (80, 128 or 168 registers) and
@@ -183,16 +183,40 @@ def _rows_pruned(configs, batch):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_B"])]
 
 
-def _prune_onchip(configs, named_args, **kwargs):
+def _onchip_candidates(configs, named_args, **kwargs):
     d_pad, precision = _arg(named_args, kwargs, "D_PAD"), _arg(named_args, kwargs, "PRECISION")
     fits = [c for c in configs if _onchip_fits(c.kwargs["BLOCK_B"], d_pad, c.num_warps, precision)]
     return _rows_pruned(fits or configs[:1], _arg(named_args, kwargs, "B"))
 
 
-def _prune_tiles(configs, named_args, **kwargs):
+def _tile_candidates(configs, named_args, **kwargs):
     ieee = _arg(named_args, kwargs, "PRECISION") == "ieee"
     kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 16) == ieee]
     return _rows_pruned(kept or configs[:1], _arg(named_args, kwargs, "B"))
+
+
+def autotuning() -> bool:
+    """Whether launches autotune (``PCDEQ_TRITON_AUTOTUNE``: ``1``, the default, or ``0``). With ``0`` each
+    launch takes the first config that suits it, without compiling and timing the others: for test runs
+    on a GPU, where every variant's configs would cost minutes of compiling."""
+    value = os.environ.get("PCDEQ_TRITON_AUTOTUNE") or "1"
+    if value not in ("0", "1"):
+        raise ValueError(f"PCDEQ_TRITON_AUTOTUNE must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def autotuned(candidates):
+    """An ``early_config_prune`` from a filter of the configs that suit a launch: all of them, for the
+    autotuner to time, or only the first when ``autotuning()`` is off."""
+    def prune(configs, named_args, **kwargs):
+        kept = candidates(configs, named_args, **kwargs)
+        return kept if autotuning() else kept[:1]
+
+    return prune
+
+
+_prune_onchip = autotuned(_onchip_candidates)
+_prune_tiles = autotuned(_tile_candidates)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -202,7 +226,7 @@ def _prune_tiles(configs, named_args, **kwargs):
 # the registers. Tiles needed only by the epilogue are loaded after the K loop, for the same reason.
 
 
-@triton.autotune(configs=_tuned(ONCHIP_CONFIGS), key=["B", "d", "PRECISION"],
+@triton.autotune(configs=_tuned(ONCHIP_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_onchip})
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_onchip_kernel(
@@ -279,7 +303,7 @@ def _matmul_tile(a_ptr, w_ptr, row_ok, cols_n, d, stride_wk, stride_wn, PRECISIO
     return acc
 
 
-@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "d", "PRECISION"],
+@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_tiles})
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
@@ -354,7 +378,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION"], prune_configs_by={"early_config_prune": _prune_tiles},
+    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT"], prune_configs_by={"early_config_prune": _prune_tiles},
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
 )
@@ -711,11 +735,12 @@ _ARG_TYPES = {
 }
 KERNELS = {"onchip": _solve_onchip_kernel, "scratch": _solve_scratch_kernel, "step": _step_kernel}
 CONFIGS = {"onchip": ONCHIP_CONFIGS, "scratch": SCRATCH_CONFIGS, "step": STEP_CONFIGS}
+CANDIDATES = {"onchip": _onchip_candidates, "scratch": _tile_candidates, "step": _tile_candidates}
 
 
 def aot_variants(kernel: str, precision: str, *, d_pad: int = 128, batch: int = 1 << 20):
     """The launch configurations the autotuner may pick for ``kernel`` on a GPU (after pruning)."""
-    return KERNELS[kernel].early_config_prune(CONFIGS[kernel], {"B": batch, "D_PAD": d_pad, "PRECISION": precision})
+    return CANDIDATES[kernel](CONFIGS[kernel], {"B": batch, "D_PAD": d_pad, "PRECISION": precision})
 
 
 AOT_CAPABILITIES = (80, 90)
