@@ -7,6 +7,7 @@
 #
 #   benchmarks/gpu_suite.sh OUT_DIR                       # every step
 #   benchmarks/gpu_suite.sh OUT_DIR build tests           # some: build tests bench-float32 bench-bfloat16 bench-conv bench-loops
+#   benchmarks/gpu_suite.sh OUT_DIR sanitize-racecheck    # only when named: sanitize-racecheck, -synccheck, -memcheck
 #
 # Packages the GPU image lacks (torchdeq, a benchmark peer) travel as wheels: run
 # benchmarks/fetch_gpu_wheels.sh here first (it downloads them into .whl/) and name .whl in the device
@@ -53,5 +54,9 @@ step bench-loops 150 "$PY" -m pcdeq_kernels.bench --device cuda --dtype float32 
   --paths official,triton,triton-single,triton-stepwise,cuda,cuda-single,cuda-stepwise \
   --shapes 256x1024,256x4096,1024x4096,8192x1024,8192x4096 --out "$OUT/loops"
 step bench-conv 120 "$PY" -m pcdeq_kernels.bench --conv --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
+# Not run by default: the kernels under compute-sanitizer (races, barrier use, memory errors).
+for tool in racecheck synccheck memcheck; do
+  step "sanitize-$tool" 300 compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" scripts/sanitize_kernels.py
+done
 echo "results in $OUT"
 exit $status
