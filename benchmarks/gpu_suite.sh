@@ -51,7 +51,7 @@ step bench-float32 150 "$PY" -m pcdeq_kernels.bench --device cuda --dtype float3
 step bench-bfloat16 120 "$PY" -m pcdeq_kernels.bench --device cuda --dtype bfloat16 --min-seconds 0.2 --no-progress --out "$OUT"
 # The dispatchers' loop choice, measured: each GPU backend with its loop forced, where the choice is close.
 step bench-loops 150 "$PY" -m pcdeq_kernels.bench --device cuda --dtype float32 --min-seconds 0.2 --no-progress --modes forward \
-  --paths official,triton,triton-single,triton-stepwise,cuda,cuda-single,cuda-stepwise \
+  --paths official,triton,triton-single,triton-stepwise,triton-split,cuda,cuda-single,cuda-stepwise \
   --shapes 256x1024,256x4096,1024x4096,8192x1024,8192x4096 --out "$OUT/loops"
 step bench-conv 120 "$PY" -m pcdeq_kernels.bench --conv --device cuda --dtype float32 --min-seconds 0.2 --no-progress --out "$OUT"
 # Not run by default: the kernels under compute-sanitizer (races, barrier use, memory errors).

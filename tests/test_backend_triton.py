@@ -42,9 +42,10 @@ GPU = pytest.mark.skipif(dense.INTERPRETED or not torch.cuda.is_available(),
 
 # The three ways a solve runs: (path, precision) that select each kernel for the shapes used below
 # (exact float32 matmuls, so that compiled runs on a GPU meet the same tolerances).
-KERNEL_ROUTES = {"onchip": ("single", "ieee"), "scratch": ("single", "ieee"), "stepwise": ("stepwise", "ieee")}
+KERNEL_ROUTES = {"onchip": ("single", "ieee"), "scratch": ("single", "ieee"), "stepwise": ("stepwise", "ieee"),
+                 "split": ("split", "ieee")}  # split: torch.mm, then the step kernel as its epilogue
 # Ragged shapes: B and d are not multiples of any block size; scratch's d exceeds the on-chip limit.
-SHAPES = {"onchip": (37, 100), "scratch": (20, 150), "stepwise": (37, 100)}
+SHAPES = {"onchip": (37, 100), "scratch": (20, 150), "stepwise": (37, 100), "split": (37, 100)}
 assert SHAPES["onchip"][1] <= dense.ONCHIP_MAX_DIM < SHAPES["scratch"][1]
 
 
@@ -369,6 +370,26 @@ def test_choose_path(monkeypatch):
         dense.choose_path(64, 80, stop="batch", path="single")
     with pytest.raises(ValueError, match="Triton solve path must be one of"):
         dense.choose_path(64, 80, path="fast")
+    assert dense.choose_path(64, 80, stop="batch", path="split") == "split"
+    assert dense.choose_path(16 * 132, 4096, path="auto") != "split"  # only when asked for, until measured
+
+
+def test_split_path_matmul_follows_torch_precision(monkeypatch):
+    """The split path's matmul is torch.mm: a precision other than torch's setting is an error, not
+    silently ignored; conv problems have no split path."""
+    from pcdeq_kernels.triton import conv
+
+    monkeypatch.delenv("PCDEQ_TRITON_PRECISION", raising=False)
+    u, w = _problem(5, 20, "tanh")
+    assert torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(ValueError, match="set torch's precision instead"):
+        dense.forward_solve(u, w, None, "tanh", path="split", precision="tf32")
+    z, its, _, conv_flags = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "batch", path="split")
+    ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200, stop="batch")
+    assert torch.equal(its.cpu(), ref[1].cpu()) and conv_flags.all()
+    uc, wc = make_problem(2, 3, "tanh", conv_hw=(4, 5), dtype=torch.float32)
+    with pytest.raises(ValueError, match="for dense problems"):
+        conv.forward_solve(uc.to(DEVICE), wc.to(DEVICE), None, "tanh", path="split")
 
 
 def test_precision_follows_torch_unless_overridden(monkeypatch):
@@ -513,7 +534,12 @@ def test_tf32_on_gpu(kernel):
     """tf32 rounds the state to 10 mantissa bits in the matmul: close to, not equal to, the ieee solve."""
     path, _ = KERNEL_ROUTES[kernel]
     u, w = _problem(*SHAPES[kernel], "tanh")
-    out = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision="tf32")
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # tf32 in torch.mm too (the split path's matmul)
+    try:
+        out = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision="tf32")
+    finally:
+        torch.set_float32_matmul_precision(before)
     ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200)
     assert out[3].all() and (out[1] - ref[1]).abs().max() <= 3
     _assert_close_rel(out[0], ref[0], 2e-3)

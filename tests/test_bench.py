@@ -71,7 +71,7 @@ def test_unknown_paths_and_modes_are_errors(tmp_path):
 
 def test_forced_loops_are_opt_in_and_set_the_backends_path_variable(monkeypatch):
     """triton-stepwise etc. run only when named, and force the loop for the backward solve too."""
-    assert set(paths.FORCED_LOOPS) == {"cuda-single", "cuda-stepwise", "triton-single", "triton-stepwise"}
+    assert set(paths.FORCED_LOOPS) == {"cuda-single", "cuda-stepwise", "triton-single", "triton-stepwise", "triton-split"}
     seen = []
     from pcdeq_kernels import functional
 

@@ -5,7 +5,7 @@
     torchdeq-fpi        torchdeq's get_deq with fixed_point_iter forward and IFT backward (relative stop)
     torchdeq-anderson   the same with Anderson acceleration in the forward
     <backend>           pcdeq_kernels.fixed_point with that backend (reference, cpu, cuda, triton)
-    <gpu backend>-single, <gpu backend>-stepwise
+    <gpu backend>-single, <gpu backend>-stepwise, triton-split
                         the cuda or triton backend with its solve loop forced (PCDEQ_CUDA_PATH /
                         PCDEQ_TRITON_PATH), to measure the dispatcher's choice; only when asked for by name
 
@@ -39,7 +39,8 @@ PEERS = ("official", "torchdeq-fpi", "torchdeq-anderson")
 # name -> (backend, the environment variable that forces its solve loop, the loop)
 FORCED_LOOPS = {
     f"{backend}-{loop}": (backend, f"PCDEQ_{backend.upper()}_PATH", loop)
-    for backend in ("cuda", "triton") for loop in ("single", "stepwise")
+    for backend, loops in (("cuda", ("single", "stepwise")), ("triton", ("single", "stepwise", "split")))
+    for loop in loops
 }
 
 

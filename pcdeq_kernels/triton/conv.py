@@ -321,6 +321,9 @@ def choose_path(batch: int, channels: int, height: int, width: int, stop: str = 
     # The overrides, their validation and stop="batch" are dense's: asked about a shape that it always
     # runs in one launch (d = 1), it answers "stepwise" only for an override or stop="batch".
     chosen = dense.choose_path(batch, 1, stop, device, path)
+    if chosen == "split":
+        raise ValueError("the Triton 'split' path (cuBLAS matmul + fused epilogue) is for dense problems; "
+                         "convolutional ones take 'single', 'stepwise' or 'auto'")
     if chosen != "single" or (path or os.environ.get("PCDEQ_TRITON_PATH") or "auto") != "auto":
         return chosen
     flops = 18 * channels * channels * height * width

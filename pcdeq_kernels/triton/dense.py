@@ -37,6 +37,10 @@ on its own. Three kernels:
     keep readers and writers of one launch on different slots. The host reads the active flags only
     every ``check_every`` steps; steps after convergence only copy frozen rows.
 
+The split path is the stepwise loop with each step's matmul done by ``torch.mm`` (cuBLAS) into a float32
+buffer and ``_step_kernel(FUSED_MATMUL=False)`` as its epilogue: cuBLAS's large tiles, which the fused
+step kernel cannot hold in registers next to its epilogue, for one more pass over the (B, d) product.
+
 ``choose_path`` picks between the single-launch kernels and the stepwise loop (overridable).
 
 Matmul precision (``resolve_precision``): ``"ieee"`` (exact float32, the default, as torch's
@@ -83,7 +87,7 @@ def _interpreting() -> bool:
 # kernels at decoration time, so switching TRITON_INTERPRET later has no effect on this module.
 INTERPRETED = _interpreting()
 
-SOLVE_PATHS = ("auto", "single", "stepwise")
+SOLVE_PATHS = ("auto", "single", "stepwise", "split")
 PRECISIONS = ("ieee", "tf32")
 DEFAULT_CHECK_EVERY = 8
 MAX_DIM = 46340  # d * d < 2**31: W is indexed with 32-bit offsets
@@ -384,17 +388,18 @@ def _solve_scratch_kernel(
 )
 @triton.jit(do_not_specialize=["t"])
 def _step_kernel(
-    x_in_ptr, x_out_ptr, bias_ptr, scale_ptr, w_ptr, sums_ptr, tot_ptr, active_ptr, its_ptr, res_ptr,
+    x_in_ptr, x_out_ptr, bias_ptr, scale_ptr, w_ptr, pre_ptr, sums_ptr, tot_ptr, active_ptr, its_ptr, res_ptr,
     B, d, stride_wk, stride_wn, tol, t,
-    ACT: tl.constexpr, STOP_BATCH: tl.constexpr, COMPUTE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACT: tl.constexpr, STOP_BATCH: tl.constexpr, COMPUTE: tl.constexpr, FUSED_MATMUL: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step ``t`` of the stepwise solve on a (row block, column tile) grid, plus the bookkeeping of step t-1.
 
     Buffers (initialised by the launcher; both ``active`` slots start at 1): ``sums``, ``tot`` and
     ``active`` as ``_close_previous_step`` describes them, with rows for samples; this launch adds row
     block x column tile's squared norms into slot ``t % 3``. ``COMPUTE=False`` does only the
-    bookkeeping (the launch after the last step).
+    bookkeeping (the launch after the last step). ``FUSED_MATMUL=False`` (the split path) reads
+    ``x_in @ M``, computed before the launch, from ``pre`` (float32 (B, d)) instead of computing it.
     """
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -415,8 +420,11 @@ def _step_kernel(
         mask = row_ok[:, None] & (cols < d)[None, :]
         offs = lrows[:, None] * d + cols[None, :]
         if _any(act_now):
-            acc = _matmul_tile(x_in_ptr + first, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION,
-                               BLOCK_B, BLOCK_N, BLOCK_K)
+            if FUSED_MATMUL:
+                acc = _matmul_tile(x_in_ptr + first, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION,
+                                   BLOCK_B, BLOCK_N, BLOCK_K)
+            else:
+                acc = tl.load(pre_ptr + first + offs, mask=mask, other=0.0)
             x_new = _next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
             x = tl.load(x_in_ptr + first + offs, mask=mask, other=0.0)
             diff = x_new - x
@@ -453,6 +461,9 @@ def launching(device: torch.device):
         yield
 
 
+_TORCH_PRECISION = "torch"  # resolve_precision's argument for "what torch's own setting gives"
+
+
 def resolve_precision(precision: Optional[str] = None) -> str:
     """The ``tl.dot`` input precision for float32 matmuls: ``"ieee"`` (exact fp32) or ``"tf32"``.
 
@@ -464,7 +475,7 @@ def resolve_precision(precision: Optional[str] = None) -> str:
     """
     if precision is None:
         precision = os.environ.get("PCDEQ_TRITON_PRECISION") or None
-    if precision is None:
+    if precision is None or precision == _TORCH_PRECISION:
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     if precision not in PRECISIONS:
         raise ValueError(f"input precision must be one of {PRECISIONS}, got {precision!r}")
@@ -481,8 +492,12 @@ def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: O
     """``"single"`` (one launch per solve) or ``"stepwise"`` (a launch per iteration) for a problem shape.
 
     ``path`` (or the environment variable ``PCDEQ_TRITON_PATH``) forces one: ``"single"``,
-    ``"stepwise"`` or ``"auto"`` (the default). ``stop="batch"`` is always stepwise: its stopping rule
-    is a reduction over all row blocks, which one launch cannot make without a grid-wide barrier.
+    ``"stepwise"``, ``"split"`` or ``"auto"`` (the default). ``stop="batch"`` is always stepwise (or
+    split): its stopping rule is a reduction over all row blocks, which one launch cannot make without a
+    grid-wide barrier. ``"split"`` is the stepwise loop with each step's matmul done by ``torch.mm``
+    (cuBLAS: large tiles, TMA) and the step kernel as its fused epilogue, at the price of writing and
+    reading the (B, d) product once more per step; "auto" does not pick it yet (no GPU timings to say
+    where it wins: ``python -m pcdeq_kernels.bench --paths official,triton-stepwise,triton-split``).
 
     ``"auto"``: a single launch runs one program per 16 rows (the smallest row block), each doing
     ``2 * 16 * d^2`` flops per iteration; the stepwise loop spreads an iteration over row blocks *and*
@@ -498,7 +513,7 @@ def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: O
     if stop == "batch":
         if path == "single":
             raise ValueError("stop='batch' needs the stepwise path (a whole-batch reduction per iteration)")
-        return "stepwise"
+        return "split" if path == "split" else "stepwise"
     if path != "auto":
         return path
     if dim <= SINGLE_LAUNCH_MAX_DIM or triton.cdiv(batch, 16) >= _num_sms(torch.device(device or "cpu")):
@@ -577,9 +592,15 @@ def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path
     stride_wk, stride_wn = (1, dim) if transpose else (dim, 1)
     if scale is None:
         scale = bias  # the forward epilogue never reads it
-    if path == "stepwise":
+    if path in ("stepwise", "split"):
+        if path == "split" and precision != resolve_precision(_TORCH_PRECISION):
+            raise ValueError(
+                f"the split path's matmul is torch.mm, which follows torch.set_float32_matmul_precision "
+                f"({torch.get_float32_matmul_precision()!r}); precision={precision!r} was asked: set torch's "
+                "precision instead, or use path='stepwise'"
+            )
         return _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision,
-                               _check_every(check_every), stride_wk, stride_wn)
+                               _check_every(check_every), stride_wk, stride_wn, split=path == "split")
     out = torch.empty((batch, dim), dtype=out_dtype, device=device)
     its, res, conv = _stats(batch, device)
     grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)  # noqa: E731
@@ -623,7 +644,8 @@ def _step_buffers(batch, device):
 
 
 def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t, stop_batch,
-                 compute, precision):
+                 compute, precision, pre=None):
+    """One step launch; ``pre`` (the split path): ``x_in @ M`` already computed, the kernel reads it."""
     batch, dim = bias.shape
     sums, tot, active, its, res = bufs
 
@@ -632,17 +654,25 @@ def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stri
 
     with launching(bias.device):
         _step_kernel[grid](
-            x_in, x_out, bias, scale, weight, sums, tot, active, its, res,
+            x_in, x_out, bias, scale, weight, x_in if pre is None else pre, sums, tot, active, its, res,
             batch, dim, stride_wk, stride_wn, float(tol), int(t),
-            ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
+            ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, FUSED_MATMUL=pre is None, PRECISION=precision,
         )
 
 
 def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision, check_every,
-                    stride_wk, stride_wn):
+                    stride_wk, stride_wn, split=False):
+    """The host loop of step launches. ``split``: each step's matmul is ``torch.mm`` (cuBLAS on a GPU)
+    into a float32 buffer, and the step kernel is its fused epilogue (activation or multiply by D, next
+    state, per-row residual, freezing); else the step kernel computes its tile's matmul itself."""
     batch, dim = bias.shape
     device = bias.device
     x = state_planes((batch, dim), device)
+    pre = operand = None
+    if split:
+        pre = torch.empty((batch, dim), dtype=torch.float32, device=device)
+        # M as a float32 matrix: W.T (forward, stride_wk == 1) or W; a view when W is float32
+        operand = (weight.t() if stride_wk == 1 else weight).float()
     if x0 is not None:
         x[0].copy_(x0)
     elif act_id == ADJOINT:
@@ -654,8 +684,10 @@ def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, s
     stop_batch = stop == "batch"
     steps = 0
     for t in range(max_iter):
+        if split:
+            torch.mm(x[t % 2], operand, out=pre)
         _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t,
-                     stop_batch, True, precision)
+                     stop_batch, True, precision, pre)
         steps = t + 1
         # active[t % 2] = rows still iterating at the start of step t: when none is, the steps since
         # only carried states over and we are done. Reading it is the only host synchronisation.
@@ -730,7 +762,8 @@ def adjoint_step(h: Tensor, v: Tensor, weight: Tensor, D: Tensor, *, precision: 
 _ARG_TYPES = {
     "x0_ptr": "*T", "bias_ptr": "*T", "scale_ptr": "*T", "w_ptr": "*T", "out_ptr": "*T",
     "its_ptr": "*i32", "res_ptr": "*fp32", "conv_ptr": "*u1", "buf_ptr": "*fp32",
-    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32", "active_ptr": "*i32",
+    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "pre_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32",
+    "active_ptr": "*i32",
     "B": "i32", "d": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
 }
 KERNELS = {"onchip": _solve_onchip_kernel, "scratch": _solve_scratch_kernel, "step": _step_kernel}
@@ -756,13 +789,14 @@ def aot_plan(full: bool = False) -> list[dict]:
 
     A launch compiles a variant per (epilogue, operand dtype, whether B and d are multiples of 16
     (``aligned``: Triton then specialises them, and the weight stride d, as such), whether z0 is given
-    (``has_x0``; the single-launch kernels), the step kernel's stop rule and bookkeeping-only launch).
-    ``full=True``: the whole product (capability x precision x kernel x pruned config x the four
-    activations and the adjoint x operand dtype x aligned x those variants, every on-chip D_PAD):
-    about 5000 compiles. The default covers every (capability, precision, kernel, config), each with
-    the adjoint epilogue in float32 (the most registers on chip: it keeps D as well as v) and tanh in
-    bfloat16, both aligned or not (given z0 when aligned); plus, on sm_90, every (epilogue, dtype)
-    pair for each kernel's first config: about 340.
+    (``has_x0``; the single-launch kernels), the step kernel's stop rule, bookkeeping-only launch and
+    split-path epilogue (``fused_matmul=False``)). ``full=True``: the whole product (capability x
+    precision x kernel x pruned config x the four activations and the adjoint x operand dtype x aligned
+    x those variants, every on-chip D_PAD): 5520 compiles. The default covers every (capability,
+    precision, kernel, config), each with the adjoint epilogue in float32 (the most registers on chip:
+    it keeps D as well as v) and tanh in bfloat16, both aligned or not (given z0 when aligned; and the
+    step kernel also as the split path's epilogue); plus, on sm_90, every (epilogue, dtype) pair for
+    each kernel's first config: 294.
     """
     pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in aot.TRITON_DTYPES]
     plan = []
@@ -772,6 +806,7 @@ def aot_plan(full: bool = False) -> list[dict]:
                 d_pads = [16, 32, 64, 128] if full and kernel == "onchip" else [ONCHIP_MAX_DIM]
                 if kernel == "step":
                     variants = [dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False))]
+                    variants.append(dict(stop_batch=True, compute=True, fused_matmul=False))  # the split path
                 else:
                     variants = [dict(has_x0=False), dict(has_x0=True)]
                 for d_pad in d_pads:
@@ -779,8 +814,9 @@ def aot_plan(full: bool = False) -> list[dict]:
                         if full:
                             chosen = [(act, dt, al, v) for act, dt in pairs for al in (False, True) for v in variants]
                         else:
-                            chosen = [(act, dt, al, variants[al and kernel != "step"])
-                                      for act, dt in [(ADJOINT, torch.float32), (0, torch.bfloat16)] for al in (False, True)]
+                            # the largest variant (z0 given when aligned), and the split path's epilogue
+                            chosen = [(act, dt, al, v) for act, dt in [(ADJOINT, torch.float32), (0, torch.bfloat16)]
+                                      for al in (False, True) for v in [variants[al and kernel != "step"]] + variants[3:]]
                             if i == 0 and capability == 90:
                                 chosen += [(act, dt, False, variants[0]) for act, dt in pairs
                                            if (act, dt) not in ((ADJOINT, torch.float32), (0, torch.bfloat16))]
@@ -792,7 +828,7 @@ def aot_plan(full: bool = False) -> list[dict]:
 
 def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precision: str, capability: int,
                 d_pad: int = 128, stop_batch: bool = False, compute: bool = True, aligned: bool = False,
-                has_x0: bool = False) -> dict:
+                has_x0: bool = False, fused_matmul: bool = True) -> dict:
     """Compile one kernel configuration for ``sm_<capability>`` without a GPU; return its resource use.
 
     Returns ``{"registers", "spill_bytes" (per-thread local memory: 0 means no spills), "shared" (bytes
@@ -805,7 +841,7 @@ def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precisi
     if kernel in ("onchip", "scratch"):
         constexprs.update(HAS_X0=has_x0)
     if kernel == "step":
-        constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute)
+        constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute, FUSED_MATMUL=fused_matmul)
     weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
     return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config, capability,
                                divisible=_SHAPE_ARGS if aligned else ())
