@@ -159,9 +159,10 @@ def test_ragged_convergence_and_thread_blocks(stop, batch, dim, two_threads):
 
 # Both matmul paths of csrc/cpu/solver.cpp: the register-blocked kernel (d <= kMaxPackedDim = 1024;
 # d = 200 is 13 AVX-512 float vectors, cut into 3 column chunks; 67 rows end in a partial row tile)
-# and BLAS above it. With 2 threads each shape is worth splitting (at least a 4-row tile and enough
-# work per thread), so rows are iterated in groups handed out to the threads (stop="sample") or in
-# one block per thread joined every step ("batch").
+# and BLAS above it. With 2 threads the packed kernel's shapes are worth splitting (at least a 4-row
+# tile and enough work per thread), so rows are iterated in groups handed out to the threads
+# (stop="sample") or in one block per thread joined every step ("batch"); the BLAS path makes one call
+# per step on all active rows from the calling thread and splits its fused pass over the threads.
 KERNEL_SHAPES = [(8, 200), (67, 48), (9, 1100)]
 
 
@@ -249,8 +250,8 @@ def test_gradients_match_the_reference_backend_float64(activation, stop):
 
 @pytest.mark.parametrize("batch,dim", [(64, 80), (8, 1100)])  # the packed kernel; BLAS
 def test_thread_blocks_see_the_callers_autograd_and_inference_state(batch, dim, two_threads):
-    # both shapes are split over two threads; on the BLAS path their matmuls are dispatcher calls,
-    # which must run below autograd (weight requires grad here) and in inference mode when the
+    # the packed kernel's rows are split over two threads; on the BLAS path the matmul is a dispatcher
+    # call, which must run below autograd (weight requires grad here) and in inference mode when the
     # caller is in it
     u, w = make_problem(batch, dim, "tanh", weight_scale=0.8)
     uu, ww = u.clone().requires_grad_(), w.clone().requires_grad_()

@@ -8,15 +8,18 @@
 //     in L1. At the paper's size (B=64, d=80) this is ~2x faster per step than a BLAS call, which
 //     re-packs M and pays its dispatch every time; with MKL on the AMD machine we measure on (MKL
 //     takes its AVX2 path there) it stays faster up to d = 1024;
-//   - above it, one BLAS call (at::mm_out) on the active rows (gathered into a contiguous buffer
-//     once they are no longer consecutive).
+//   - above it, one BLAS call (at::mm_out) per step on all the active rows (gathered into a
+//     contiguous buffer once they are no longer consecutive), made from the calling thread so that
+//     BLAS uses its own threads on the whole batch, then the fused pass over the rows in parallel.
 //
 // The state lives in the result tensor, row b = sample b, from start to end. Under the per-sample
 // rule a sample that converges just leaves its group's list of active rows: its state is already
 // in place and the matmul shrinks with the active set.
 //
-// Threads (at::parallel_for, i.e. torch's OpenMP pool and its thread count), only when the batch
-// gives each one a full tile of rows and enough work per step:
+// Threads for the packed kernel (at::parallel_for, i.e. torch's OpenMP pool and its thread count),
+// only when the batch gives each one a full tile of rows and enough work per step. (Not for BLAS:
+// inside a parallel region it runs single-threaded, and each group's call would re-pack all of M for
+// a fraction of the rows: 0.85x the official loop's one call at B=256, d=4096, 2 cores.)
 //   - per-sample rule: samples are independent, so the rows are cut into groups and each group is
 //     iterated to convergence by one thread, with no synchronisation per step. There are a few
 //     groups per thread, handed out on demand, so that a thread that wakes up late or a group
@@ -27,7 +30,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <ATen/cpu/vec/functional.h>
 
 #include <algorithm>
@@ -66,6 +68,9 @@ constexpr int64_t kMinThreadWork = 150000;
 constexpr int64_t kMinThreadWorkBatchStop = 250000;
 // Groups of rows per thread under the per-sample rule (see the file comment).
 constexpr int64_t kGroupsPerThread = 4;
+// The BLAS path's fused pass goes parallel in chunks of at least this many elements (a few
+// microseconds of work each, well above a parallel_for's cost).
+constexpr int64_t kMinFusedPassWork = 16384;
 
 // Iterate x <- Step(x @ M, inputs) with the stopping rule of solver.h.
 //   x:       (B, d) initial state, contiguous, owned: updated in place and returned as the result.
@@ -107,13 +112,14 @@ class Iteration {
     } else {
       matrix_ = transpose ? weight.t() : weight;  // BLAS reads the transposed view in place
     }
-    // Threads: as many as give each one at least a full row tile and enough work per step.
+    // Threads (packed kernel only): as many as give each one at least a full row tile and enough work
+    // per step. BLAS runs on the calling thread and threads itself.
     const int64_t work_per_row = 2 * d_ * d_ + 90 * d_ + 2500;
     const int64_t min_work = batch_stop_ ? kMinThreadWorkBatchStop : kMinThreadWork;
-    threads_ = std::clamp<int64_t>(std::min(batch_ / kTileRows, batch_ * work_per_row / min_work), 1,
-                                   at::get_num_threads());
-    if (threads_ > 1 && !packed_) {
-      caller_state_.emplace();  // this thread's dispatch state, for the workers' at::mm_out
+    threads_ = 1;
+    if (packed_) {
+      threads_ = std::clamp<int64_t>(std::min(batch_ / kTileRows, batch_ * work_per_row / min_work), 1,
+                                     at::get_num_threads());
     }
     // Groups of rows: with one thread, one group; under the whole-batch rule, one per thread; else
     // several per thread, handed out on demand (see run()).
@@ -175,13 +181,6 @@ class Iteration {
       return;
     }
     at::parallel_for(0, threads_, 1, [&](int64_t first, int64_t last) {
-      // The BLAS path calls at::mm_out, a dispatcher op: the workers must see this thread's dispatch
-      // state (autograd keys already excluded by the caller, grad and inference mode), not their
-      // own defaults, or mm_out would e.g. refuse a weight that requires grad.
-      std::optional<at::ThreadLocalStateGuard> state_guard;
-      if (caller_state_) {
-        state_guard.emplace(*caller_state_);
-      }
       for (int64_t thread = first; thread < last; ++thread) {
         f(thread);
       }
@@ -222,9 +221,12 @@ class Iteration {
     at::Tensor acc = scratch.acc.narrow(0, 0, count);
     at::mm_out(acc, a, matrix_);
     const T* acc_data = acc.template const_data_ptr<T>();
-    for (int64_t i = 0; i < count; ++i) {
-      update(rows[i], acc_data + i * d_);
-    }
+    // Rows are independent (each writes its own state and sums): split over torch's threads.
+    at::parallel_for(0, count, std::max<int64_t>(1, kMinFusedPassWork / d_), [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        update(rows[i], acc_data + i * d_);
+      }
+    });
   }
 
   void update(int64_t b, const T* acc) {
@@ -304,7 +306,6 @@ class Iteration {
 
   std::optional<PackedMatrix<T>> packed_;  // the small-d kernel's M, or
   at::Tensor matrix_;                      // BLAS's
-  std::optional<at::ThreadLocalState> caller_state_;  // for the BLAS path's worker threads
 
   at::Tensor iterations_, residual_, converged_;
   T* x_data_;
