@@ -59,7 +59,8 @@ def compile_for_gpu(fn, arg_types: dict, constexprs: dict, unit_stride: str, dty
 # ptxas sometimes stops a kernel at an occupancy step (64 to 128 registers) and moves one or two 64-bit
 # values to local memory to get there; allowed the whole register file (maxnreg=255, or 128 for a
 # 16-warp block: all it can have) the same kernels spill nothing (checked for the cases seen under
-# Triton 3.6, 3.8 and 3.9). Those few bytes per thread
+# Triton 3.6, 3.8 and 3.9), except Triton 3.8's on-chip 16 x 128 ieee tile over 16 warps, which keeps
+# 8 or 16 bytes at 128 registers (dense.py: no cleaner tile compiles there under 3.8). Those few bytes per thread
 # sit in L1 and cost a handful of instructions per tile; a config that spills more is too big for the
 # register file and is a defect.
 OCCUPANCY_SPILL_BYTES = 16
