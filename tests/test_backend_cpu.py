@@ -162,8 +162,9 @@ def test_ragged_convergence_and_thread_blocks(stop, batch, dim, two_threads):
 # and BLAS above it. With 2 threads the packed kernel's shapes are worth splitting (at least a 4-row
 # tile and enough work per thread), so rows are iterated in groups handed out to the threads
 # (stop="sample") or in one block per thread joined every step ("batch"); the BLAS path makes one call
-# per step on all active rows from the calling thread and splits its fused pass over the threads.
-KERNEL_SHAPES = [(8, 200), (67, 48), (9, 1100)]
+# per step on all active rows from the calling thread and splits its fused pass over the threads (in
+# chunks of at least 16384 elements: 40 rows of 1100 are three).
+KERNEL_SHAPES = [(8, 200), (67, 48), (9, 1100), (40, 1100)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
