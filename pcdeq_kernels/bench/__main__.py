@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--activation", default="tanh")
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--paths", help="comma-separated, official first, e.g. official,reference,cpu,torchdeq-fpi; "
-                   "cuda-single, cuda-stepwise, triton-single, triton-stepwise force a GPU backend's solve loop")
+                   "cuda-single, cuda-stepwise, triton-single, triton-stepwise, triton-split force a GPU backend's "
+                   "solve loop")
     p.add_argument("--modes", default="forward,train")
     p.add_argument("--min-seconds", type=float, default=0.3, help="time spent per measurement")
     p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG files")

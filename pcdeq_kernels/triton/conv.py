@@ -536,8 +536,8 @@ def aot_plan(full: bool = False) -> list[dict]:
     ``full=True``: the whole product: capability x precision x kernel x pruned config x epilogue (the
     four activations and the adjoint) x operand dtype x ``aligned``, and the step kernel's three
     variants, the scratch kernel's two (``has_x0``: z0 given or not): 1620 compiles. The default, 94:
-    every (capability, precision, kernel, config) with the adjoint epilogue in float32 (it loads D as well as v) and tanh in bfloat16, the latter also
-    aligned; plus, on sm_90 under "ieee", every epilogue in float32 and bfloat16 for each kernel's first
+    every (capability, precision, kernel, config) with the adjoint epilogue in float32 (it loads D as
+    well as v) and tanh in bfloat16, the latter also aligned; plus, on sm_90 under "ieee", every epilogue in float32 and bfloat16 for each kernel's first
     config (float16 operands compile as bfloat16 ones do: 16-bit loads converted in registers); the
     step kernel in its largest variant (stop="batch", with the convolution); the scratch kernel also
     given z0 in its aligned tanh bfloat16 compiles.

@@ -382,7 +382,8 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT"], prune_configs_by={"early_config_prune": _prune_tiles},
+    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
+    prune_configs_by={"early_config_prune": _prune_tiles},
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
 )
@@ -461,7 +462,9 @@ def launching(device: torch.device):
         yield
 
 
-_TORCH_PRECISION = "torch"  # resolve_precision's argument for "what torch's own setting gives"
+def _torch_precision() -> str:
+    """The precision torch's own float32 matmuls use: ``"ieee"`` under ``"highest"``, else ``"tf32"``."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def resolve_precision(precision: Optional[str] = None) -> str:
@@ -475,8 +478,8 @@ def resolve_precision(precision: Optional[str] = None) -> str:
     """
     if precision is None:
         precision = os.environ.get("PCDEQ_TRITON_PRECISION") or None
-    if precision is None or precision == _TORCH_PRECISION:
-        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if precision is None:
+        return _torch_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"input precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
@@ -593,7 +596,7 @@ def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path
     if scale is None:
         scale = bias  # the forward epilogue never reads it
     if path in ("stepwise", "split"):
-        if path == "split" and precision != resolve_precision(_TORCH_PRECISION):
+        if path == "split" and precision != _torch_precision():
             raise ValueError(
                 f"the split path's matmul is torch.mm, which follows torch.set_float32_matmul_precision "
                 f"({torch.get_float32_matmul_precision()!r}); precision={precision!r} was asked: set torch's "
@@ -815,8 +818,9 @@ def aot_plan(full: bool = False) -> list[dict]:
                             chosen = [(act, dt, al, v) for act, dt in pairs for al in (False, True) for v in variants]
                         else:
                             # the largest variant (z0 given when aligned), and the split path's epilogue
-                            chosen = [(act, dt, al, v) for act, dt in [(ADJOINT, torch.float32), (0, torch.bfloat16)]
-                                      for al in (False, True) for v in [variants[al and kernel != "step"]] + variants[3:]]
+                            heaviest = [(ADJOINT, torch.float32), (0, torch.bfloat16)]
+                            chosen = [(act, dt, al, v) for act, dt in heaviest for al in (False, True)
+                                      for v in [variants[al and kernel != "step"]] + variants[3:]]
                             if i == 0 and capability == 90:
                                 chosen += [(act, dt, False, variants[0]) for act, dt in pairs
                                            if (act, dt) not in ((ADJOINT, torch.float32), (0, torch.bfloat16))]
@@ -843,5 +847,5 @@ def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precisi
     if kernel == "step":
         constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute, FUSED_MATMUL=fused_matmul)
     weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
-    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config, capability,
-                               divisible=_SHAPE_ARGS if aligned else ())
+    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config,
+                               capability, divisible=_SHAPE_ARGS if aligned else ())
