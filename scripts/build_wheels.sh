@@ -22,6 +22,10 @@
 # TORCH_CPU_SPEC (torch==2.13.0), TORCH_CUDA_SPEC (torch==2.14.1), MAX_JOBS, KEEP_WORK=1 (keep the
 # venvs and logs), BUILD_VENV_cpu / BUILD_VENV_cuda (build in an existing venv instead of a new one;
 # the check venvs are always new).
+#
+# Disk: a CUDA torch install is about 5.5 GB. Each venv this script made is deleted as soon as it has
+# served (the build venv once its wheel is built, the check venv once checked), so at most one of them
+# exists at a time; two side by side ran a CI machine out of space.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,7 +35,11 @@ WORK=$(mktemp -d /tmp/pcdeq-wheels.XXXXXX)
 mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 export MAX_JOBS=${MAX_JOBS:-2}
-log() { printf '\n== %s\n' "$*"; }
+export PIP_NO_CACHE_DIR=1  # the torch wheels are GBs; nothing here is installed twice from a cache
+log() { printf '\n== %s (%s free on %s)\n' "$*" "$(df -h --output=avail "$WORK" | tail -n 1 | tr -d ' ')" "$WORK"; }
+done_with() {  # done_with VENV: delete a venv this script made, unless KEEP_WORK=1
+  [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$1"
+}
 
 # Build from a clean copy of the source: an editable install's build/ folder and in-place _C*.so must
 # not leak into a wheel built against another torch. WHEEL_SOURCE=head (default) takes the last
@@ -144,8 +152,10 @@ for kind in ${WHEEL_KINDS:-cpu cuda}; do
   log "$kind: build the wheel in $build_venv"
   wheel=$(build "$kind" "$build_venv")
   echo "$wheel"
+  [ "$build_venv" != "$WORK/build-$kind" ] || done_with "$build_venv"
   log "$kind: install into a fresh venv and check"
   check "$kind" "$wheel" "$spec"
+  done_with "$WORK/check-$kind"
 done
 log "wheels in $OUT"
 ls -l "$OUT"
