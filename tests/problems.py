@@ -2,6 +2,7 @@
 and the checks that several backends' tests (tests/test_backend_*.py) run alike, each taking what
 differs between them: the backend, the problem (on the device under test), the comparison."""
 
+import contextlib
 import math
 
 import pytest
@@ -14,6 +15,19 @@ from pcdeq_kernels.activations import ACTIVATIONS, get_activation
 from pcdeq_kernels.reference import linear_map
 
 ALL_ACTIVATIONS = sorted(ACTIVATIONS)
+
+
+@contextlib.contextmanager
+def cuda_matmul_fp32_precision(value):
+    """``torch.backends.cuda.matmul.fp32_precision`` (torch's newer API: "ieee" or "tf32") set to
+    ``value`` inside the block, restored after (to "none", torch's default, unless set before)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = value
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def make_problem(batch, dim, activation, *, dtype=torch.float64, weight_scale=0.5, conv_hw=None, seed=0, u_scale=1.0, u_offset=0.0):

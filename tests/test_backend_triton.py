@@ -12,6 +12,7 @@ agree exactly except where a residual sits within 1% of ``tol`` (summation order
 """
 
 import contextlib
+import inspect
 import math
 import os
 import time
@@ -31,7 +32,7 @@ from pcdeq_kernels.backends import triton as triton_backend  # noqa: E402
 from pcdeq_kernels.triton import aot, dense  # noqa: E402
 from pcdeq_kernels.triton.dense import _activation  # noqa: E402
 
-from problems import ALL_ACTIVATIONS, make_problem  # noqa: E402
+from problems import ALL_ACTIVATIONS, cuda_matmul_fp32_precision, make_problem  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason=triton_backend.unavailable_reason())
 
@@ -227,24 +228,33 @@ def assert_forced_config_solve(out, ref, history, tol, precision):
         _assert_solve_matches(out, ref, history, tol, 2e-6)
 
 
-@pytest.mark.parametrize("kernel, config", [(k, c) for k, cs in dense.CONFIGS.items() for c in cs],
+FORCED_CONFIG_CASES = [(kernel, config, path) for kernel, configs in dense.CONFIGS.items() for config in configs
+                       for path in (("stepwise", "split") if kernel == "step" else ("single",))]
+
+
+@pytest.mark.parametrize("kernel, config, path", FORCED_CONFIG_CASES,
                          ids=lambda v: config_id(v) if isinstance(v, triton.Config) else v)
-def test_every_config_solves_like_the_reference(kernel, config, monkeypatch):
+def test_every_config_solves_like_the_reference(kernel, config, path, monkeypatch):
     """Every config the autotuner may pick on a GPU (the interpreter otherwise runs only the first),
     forced, solves a ragged problem forward and backward as the reference does: the masks and loops
-    hold for every tile shape."""
+    hold for every tile shape, the step kernel's also as the split path's epilogue."""
     monkeypatch.setattr(dense.KERNELS[kernel], "configs", [config])  # one config: launched as it is
     monkeypatch.setattr(dense.KERNELS[kernel], "best_config", None, raising=False)
-    path = "stepwise" if kernel == "step" else "single"
-    batch, dim = SHAPES["stepwise" if kernel == "step" else kernel]
+    batch, dim = SHAPES[path if path != "single" else kernel]
     precision = config_precision(config)
+
+    def solving():  # the split path's torch.mm follows torch's setting, which must match the config's
+        return cuda_matmul_fp32_precision(precision) if path == "split" else contextlib.nullcontext()
+
     u, w = _problem(batch, dim, "tanh")
-    out = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision=precision)
+    with solving():
+        out = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision=precision)
     ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200)
     history = _residual_history(lambda z: torch.tanh(z @ w.T + u), torch.zeros_like(u), int(ref[1].max()) + 1)
     assert_forced_config_solve(out, ref, history, 1e-4, precision)
     v, w, D = _adjoint_problem(batch, dim, "sigmoid")
-    out = dense.adjoint_solve(v, w, D, 1e-4, 200, "sample", path=path, precision=precision)
+    with solving():
+        out = dense.adjoint_solve(v, w, D, 1e-4, 200, "sample", path=path, precision=precision)
     ref = reference.adjoint_solve(v, w, D, tol=1e-4, max_iter=200)
     history = _residual_history(lambda h: D * (h @ w + v), D * v, int(ref[1].max()) + 1)
     assert_forced_config_solve(out, ref, history, 1e-4, precision)
@@ -392,6 +402,66 @@ def test_split_path_matmul_follows_torch_precision(monkeypatch):
         conv.forward_solve(uc.to(DEVICE), wc.to(DEVICE), None, "tanh", path="split")
 
 
+def test_split_path_is_torch_mm_then_the_epilogue(monkeypatch):
+    """The split path really splits: one torch.mm per step, and every step launch reads its product
+    (FUSED_MATMUL=False); the stepwise path never calls torch.mm. Otherwise a silent fallback to the
+    fused kernel would pass every other split test."""
+    mms, launches, real_mm, real_launch = [], [], torch.mm, dense._launch_step
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: mms.append(1) or real_mm(*a, **k))
+
+    def launch_step(*args, **kwargs):
+        call = inspect.signature(real_launch).bind(*args, **kwargs)
+        call.apply_defaults()
+        launches.append((call.arguments["compute"], call.arguments["pre"] is not None))
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(dense, "_launch_step", launch_step)
+    u, w = _problem(9, 40, "tanh")
+    _, its, _, _ = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path="split", check_every=1)
+    computing = [reads_pre for compute, reads_pre in launches if compute]
+    assert len(mms) == len(computing) == int(its.max()) + 1 and all(computing)
+    mms.clear()
+    launches.clear()
+    dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path="stepwise")
+    assert not mms and launches and not any(reads_pre for _, reads_pre in launches)
+
+
+def test_split_path_takes_a_weight_that_requires_grad():
+    """torch.mm(out=) refuses operands that require grad: the split path detaches its own (the solve
+    is below autograd; the gradient is the adjoint solve's business)."""
+    u, w = _problem(9, 40, "tanh")
+    w = w.clone().requires_grad_()
+    split = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path="split")
+    stepwise = dense.forward_solve(u, w.detach(), None, "tanh", 1e-4, 200, "sample", path="stepwise")
+    assert torch.equal(split[1], stepwise[1])
+    _assert_close_rel(split[0], stepwise[0], 2e-6)
+
+
+def test_precision_reads_either_of_torchs_apis(monkeypatch):
+    """torch's newer TF32 switch (torch.backends.cuda.matmul.fp32_precision) makes the legacy getter
+    raise: the Triton backend reads the newer one, which the legacy setter writes as well."""
+    from pcdeq_kernels.precision import torch_matmul_precision
+
+    monkeypatch.delenv("PCDEQ_TRITON_PRECISION", raising=False)
+    assert torch_matmul_precision() == dense.resolve_precision() == "ieee"  # torch's default
+    with cuda_matmul_fp32_precision("tf32"):
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()  # why the legacy getter cannot be used
+        assert torch_matmul_precision() == dense.resolve_precision() == "tf32"
+        u, w = _problem(5, 20, "tanh")
+        z, _, _, conv = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path="split", precision="tf32")
+        assert conv.all()
+        with pytest.raises(ValueError, match=r"torch's float32 matmul precision \('tf32' now\)"):
+            dense.forward_solve(u, w, None, "tanh", path="split", precision="ieee")
+    assert torch.get_float32_matmul_precision() == "highest"  # restored: the legacy getter works again
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert torch_matmul_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_precision_follows_torch_unless_overridden(monkeypatch):
     monkeypatch.delenv("PCDEQ_TRITON_PRECISION", raising=False)
     before = torch.get_float32_matmul_precision()
@@ -531,18 +601,17 @@ def test_bfloat16_on_gpu(kernel):
 @GPU
 @pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))
 def test_tf32_on_gpu(kernel):
-    """tf32 rounds the state to 10 mantissa bits in the matmul: close to, not equal to, the ieee solve."""
+    """tf32 rounds the state to 10 mantissa bits in the matmul: close to, not equal to, the ieee solve
+    (equal would mean tf32 was not used)."""
     path, _ = KERNEL_ROUTES[kernel]
     u, w = _problem(*SHAPES[kernel], "tanh")
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")  # tf32 in torch.mm too (the split path's matmul)
-    try:
+    with cuda_matmul_fp32_precision("tf32"):  # tf32 in torch.mm too (the split path's matmul)
         out = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision="tf32")
-    finally:
-        torch.set_float32_matmul_precision(before)
+    ieee = dense.forward_solve(u, w, None, "tanh", 1e-4, 200, "sample", path=path, precision="ieee")
     ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200)
     assert out[3].all() and (out[1] - ref[1]).abs().max() <= 3
     _assert_close_rel(out[0], ref[0], 2e-3)
+    assert not torch.equal(out[0], ieee[0])
 
 
 @GPU

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..activations import get_activation
+from ..precision import torch_matmul_precision
 from ..reference import activation_derivative_at, adjoint_map, contraction_bound, linear_map, relative_residual
 from . import paths
 from .timing import measure
@@ -51,7 +52,7 @@ def machine_info(device_type: str) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "float32_matmul_precision": torch_matmul_precision(),  # "ieee" or "tf32"
     }
     try:
         import triton
@@ -72,8 +73,8 @@ def peak_tflops(gpu_name: str | None, dtype: torch.dtype) -> tuple[float | None,
         if key in gpu_name:
             if dtype in (torch.float16, torch.bfloat16):
                 return peaks["half"], f"{key} fp16/bf16 tensor cores"
-            if torch.get_float32_matmul_precision() == "highest":
-                return peaks["fp32"], f"{key} FP32 (matmul precision 'highest')"
+            if torch_matmul_precision() == "ieee":
+                return peaks["fp32"], f"{key} FP32 (float32 matmul precision 'ieee')"
             return peaks["tf32"], f"{key} tf32 tensor cores"
     return None, f"no peak on record for {gpu_name}"
 

@@ -67,6 +67,7 @@ from torch import Tensor
 
 from .. import reference
 from ..activations import get_activation
+from ..precision import torch_matmul_precision
 from . import aot
 
 # The map's epilogue and the residual, shared with the convolutional kernels (conv.py).
@@ -382,7 +383,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
+    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT", "FUSED_MATMUL"],
     prune_configs_by={"early_config_prune": _prune_tiles},
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
@@ -462,24 +463,20 @@ def launching(device: torch.device):
         yield
 
 
-def _torch_precision() -> str:
-    """The precision torch's own float32 matmuls use: ``"ieee"`` under ``"highest"``, else ``"tf32"``."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
 def resolve_precision(precision: Optional[str] = None) -> str:
     """The ``tl.dot`` input precision for float32 matmuls: ``"ieee"`` (exact fp32) or ``"tf32"``.
 
     ``precision`` overrides; else the environment variable ``PCDEQ_TRITON_PRECISION``; else torch's
-    setting: ``torch.get_float32_matmul_precision() == "highest"`` (torch's default) gives ``"ieee"``,
-    ``"high"``/``"medium"`` give ``"tf32"``. Half-precision operands are converted to float32 in
-    registers and go through the same dot (fp16 and bf16 values are exact in tf32, so only the
-    float32 state is rounded under ``"tf32"``).
+    setting, read by ``torch_matmul_precision`` from either of torch's APIs: exact fp32 (torch's
+    default, ``"highest"``) gives ``"ieee"``, TF32 (``"high"``/``"medium"``, or
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) gives ``"tf32"``. Half-precision operands
+    are converted to float32 in registers and go through the same dot (fp16 and bf16 values are exact
+    in tf32, so only the float32 state is rounded under ``"tf32"``).
     """
     if precision is None:
         precision = os.environ.get("PCDEQ_TRITON_PRECISION") or None
     if precision is None:
-        return _torch_precision()
+        return torch_matmul_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"input precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
@@ -596,14 +593,17 @@ def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path
     if scale is None:
         scale = bias  # the forward epilogue never reads it
     if path in ("stepwise", "split"):
-        if path == "split" and precision != _torch_precision():
+        if path == "split" and precision != torch_matmul_precision():
             raise ValueError(
-                f"the split path's matmul is torch.mm, which follows torch.set_float32_matmul_precision "
-                f"({torch.get_float32_matmul_precision()!r}); precision={precision!r} was asked: set torch's "
-                "precision instead, or use path='stepwise'"
+                f"the split path's matmul is torch.mm, which follows torch's float32 matmul precision "
+                f"({torch_matmul_precision()!r} now); precision={precision!r} was asked: set torch's precision "
+                "instead (torch.backends.cuda.matmul.fp32_precision), or use path='stepwise'"
             )
+        # the split path's torch.mm operand: M as a float32 matrix (a view when W is float32); detached,
+        # since mm(out=) refuses inputs that require grad and the solve is below autograd anyway
+        split_operand = (weight.t() if transpose else weight).detach().float() if path == "split" else None
         return _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision,
-                               _check_every(check_every), stride_wk, stride_wn, split=path == "split")
+                               _check_every(check_every), stride_wk, stride_wn, split_operand)
     out = torch.empty((batch, dim), dtype=out_dtype, device=device)
     its, res, conv = _stats(batch, device)
     grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)  # noqa: E731
@@ -664,18 +664,16 @@ def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stri
 
 
 def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision, check_every,
-                    stride_wk, stride_wn, split=False):
-    """The host loop of step launches. ``split``: each step's matmul is ``torch.mm`` (cuBLAS on a GPU)
-    into a float32 buffer, and the step kernel is its fused epilogue (activation or multiply by D, next
-    state, per-row residual, freezing); else the step kernel computes its tile's matmul itself."""
+                    stride_wk, stride_wn, split_operand=None):
+    """The host loop of step launches. With ``split_operand`` (M, float32) the split path: each step's
+    matmul is ``torch.mm`` (cuBLAS on a GPU) into a float32 buffer, and the step kernel is its fused
+    epilogue (activation or multiply by D, next state, per-row residual, freezing); else the step
+    kernel computes its tile's matmul itself."""
     batch, dim = bias.shape
     device = bias.device
     x = state_planes((batch, dim), device)
-    pre = operand = None
-    if split:
-        pre = torch.empty((batch, dim), dtype=torch.float32, device=device)
-        # M as a float32 matrix: W.T (forward, stride_wk == 1) or W; a view when W is float32
-        operand = (weight.t() if stride_wk == 1 else weight).float()
+    split = split_operand is not None
+    pre = torch.empty((batch, dim), dtype=torch.float32, device=device) if split else None
     if x0 is not None:
         x[0].copy_(x0)
     elif act_id == ADJOINT:
@@ -688,7 +686,7 @@ def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, s
     steps = 0
     for t in range(max_iter):
         if split:
-            torch.mm(x[t % 2], operand, out=pre)
+            torch.mm(x[t % 2], split_operand, out=pre)
         _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t,
                      stop_batch, True, precision, pre)
         steps = t + 1
@@ -795,11 +793,11 @@ def aot_plan(full: bool = False) -> list[dict]:
     (``has_x0``; the single-launch kernels), the step kernel's stop rule, bookkeeping-only launch and
     split-path epilogue (``fused_matmul=False``)). ``full=True``: the whole product (capability x
     precision x kernel x pruned config x the four activations and the adjoint x operand dtype x aligned
-    x those variants, every on-chip D_PAD): 5520 compiles. The default covers every (capability,
+    x those variants, every on-chip D_PAD): 6060 compiles. The default covers every (capability,
     precision, kernel, config), each with the adjoint epilogue in float32 (the most registers on chip:
     it keeps D as well as v) and tanh in bfloat16, both aligned or not (given z0 when aligned; and the
-    step kernel also as the split path's epilogue); plus, on sm_90, every (epilogue, dtype) pair for
-    each kernel's first config: 294.
+    step kernel also as the split path's epilogue, under the default stop rule); plus, on sm_90, every
+    (epilogue, dtype) pair for each kernel's first config: 294.
     """
     pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in aot.TRITON_DTYPES]
     plan = []
@@ -809,7 +807,8 @@ def aot_plan(full: bool = False) -> list[dict]:
                 d_pads = [16, 32, 64, 128] if full and kernel == "onchip" else [ONCHIP_MAX_DIM]
                 if kernel == "step":
                     variants = [dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False))]
-                    variants.append(dict(stop_batch=True, compute=True, fused_matmul=False))  # the split path
+                    # the split path's epilogue, per stop rule (the default plan: the default rule)
+                    variants += [dict(stop_batch=b, compute=True, fused_matmul=False) for b in (False, True)]
                 else:
                     variants = [dict(has_x0=False), dict(has_x0=True)]
                 for d_pad in d_pads:
@@ -820,7 +819,7 @@ def aot_plan(full: bool = False) -> list[dict]:
                             # the largest variant (z0 given when aligned), and the split path's epilogue
                             heaviest = [(ADJOINT, torch.float32), (0, torch.bfloat16)]
                             chosen = [(act, dt, al, v) for act, dt in heaviest for al in (False, True)
-                                      for v in [variants[al and kernel != "step"]] + variants[3:]]
+                                      for v in [variants[al and kernel != "step"]] + variants[3:4]]
                             if i == 0 and capability == 90:
                                 chosen += [(act, dt, False, variants[0]) for act, dt in pairs
                                            if (act, dt) not in ((ADJOINT, torch.float32), (0, torch.bfloat16))]
