@@ -59,8 +59,8 @@ def compile_for_gpu(fn, arg_types: dict, constexprs: dict, unit_stride: str, dty
 # ptxas sometimes stops a kernel at an occupancy step (64 to 128 registers) and moves up to three 64-bit
 # values to local memory to get there; allowed the whole register file (maxnreg=255, or 128 for a
 # 16-warp block: all it can have) the same kernels spill nothing. Checked for every case seen: the
-# default plans under Triton 3.6, 3.8 and 3.9, and the whole products under 3.6 and 3.8 (2026-11-23),
-# where 17 of 11040 dense compiles keep 24 bytes at 80, 96 or 128 registers (need 94 to 186 without),
+# default plans and the whole products under Triton 3.6, 3.8 and 3.9 (2026-11-23), where 31 of 17100
+# dense compiles keep 24 bytes at 80, 96 or 128 registers (need 94 to 186 without),
 # except Triton 3.8's on-chip 16 x 128 ieee tile over 16 warps, which keeps 8 or 16 bytes at 128
 # registers (dense.py: no cleaner tile compiles there under 3.8). Capping registers by hand does not
 # help: maxnreg=128 on those configs spills up to 368 bytes in their other variants. Those few bytes

@@ -126,7 +126,7 @@ ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 
 # spills beyond 16; the tensor-core ("tf32") configs take 32 (_tile_candidates). Every config listed
 # compiles for sm_80 and sm_90 with every epilogue and operand dtype, under Triton 3.6, 3.8 and 3.9,
 # without spills beyond ptxas's occupancy trade (tests/test_backend_triton.py; aot.spills_accepted: at
-# most 24 bytes, in 17 of the 11040 compiles of the whole product under 3.6 and 3.8). Many nearby
+# most 24 bytes, in 31 of the 17100 compiles of the whole product under the three). Many nearby
 # ones do not, in one version or another: ptxas often caps a kernel at an occupancy step (80, 128 or 168 registers) and
 # spills 8 bytes to get there; so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages)
 # give way to 16 x 128 tiles and 32 x 64 tiles over 8 warps, and the step kernel's tf32 64 x 128 tile to
