@@ -18,6 +18,18 @@ ALL_ACTIVATIONS = sorted(ACTIVATIONS)
 
 
 @contextlib.contextmanager
+def float32_matmul_precision(precision):
+    """torch's float32 matmul precision set the legacy way (``torch.set_float32_matmul_precision``:
+    "highest", "high" or "medium") inside the block, restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@contextlib.contextmanager
 def cuda_matmul_fp32_precision(value):
     """``torch.backends.cuda.matmul.fp32_precision`` (torch's newer API: "ieee" or "tf32") set to
     ``value`` inside the block, restored after (to "none", torch's default, unless set before)."""

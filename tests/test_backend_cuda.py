@@ -34,7 +34,6 @@ Tolerances, each with its reason:
   a rounded solve never takes more than 25% + 2 more steps than the exact one.
 """
 
-import contextlib
 import functools
 import math
 import os
@@ -64,6 +63,7 @@ from problems import (
     check_nan_residual_never_counts_as_converged,
     check_ragged_convergence,
     check_z0_is_the_starting_point,
+    float32_matmul_precision,
     make_problem,
     not_slower,
     opcheck_both_ops,
@@ -87,17 +87,6 @@ def path(request, monkeypatch):
     """Force the single-launch or the stepwise loop (read by the C++ side at every call)."""
     monkeypatch.setenv("PCDEQ_CUDA_PATH", request.param)
     return request.param
-
-
-@contextlib.contextmanager
-def float32_matmul_precision(precision):
-    """torch's float32 matmul precision set to ``precision`` inside the block, restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 @pytest.fixture

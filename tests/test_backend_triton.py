@@ -32,7 +32,7 @@ from pcdeq_kernels.backends import triton as triton_backend  # noqa: E402
 from pcdeq_kernels.triton import aot, dense  # noqa: E402
 from pcdeq_kernels.triton.dense import _activation  # noqa: E402
 
-from problems import ALL_ACTIVATIONS, cuda_matmul_fp32_precision, make_problem  # noqa: E402
+from problems import ALL_ACTIVATIONS, cuda_matmul_fp32_precision, float32_matmul_precision, make_problem  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason=triton_backend.unavailable_reason())
 
@@ -454,27 +454,19 @@ def test_precision_reads_either_of_torchs_apis(monkeypatch):
         with pytest.raises(ValueError, match=r"torch's float32 matmul precision \('tf32' now\)"):
             dense.forward_solve(u, w, None, "tanh", path="split", precision="ieee")
     assert torch.get_float32_matmul_precision() == "highest"  # restored: the legacy getter works again
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("medium")
+    with float32_matmul_precision("medium"):
         assert torch_matmul_precision() == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def test_precision_follows_torch_unless_overridden(monkeypatch):
     monkeypatch.delenv("PCDEQ_TRITON_PRECISION", raising=False)
-    before = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
+    with float32_matmul_precision("highest"):
         assert dense.resolve_precision() == "ieee"
-        torch.set_float32_matmul_precision("high")
+    with float32_matmul_precision("high"):
         assert dense.resolve_precision() == "tf32"
         assert dense.resolve_precision("ieee") == "ieee"
         monkeypatch.setenv("PCDEQ_TRITON_PRECISION", "ieee")
         assert dense.resolve_precision() == "ieee"
-    finally:
-        torch.set_float32_matmul_precision(before)
     with pytest.raises(ValueError, match="input precision must be one of"):
         dense.resolve_precision("fp8")
 

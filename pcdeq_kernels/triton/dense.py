@@ -127,8 +127,8 @@ ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 
 # compiles for sm_80 and sm_90 with every epilogue and operand dtype, under Triton 3.6, 3.8 and 3.9,
 # without spills beyond ptxas's occupancy trade (tests/test_backend_triton.py; aot.spills_accepted: at
 # most 24 bytes, in 31 of the 17100 compiles of the whole product under the three). Many nearby
-# ones do not, in one version or another: ptxas often caps a kernel at an occupancy step (80, 128 or 168 registers) and
-# spills 8 bytes to get there; so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages)
+# ones do not, in one version or another: ptxas often caps a kernel at an occupancy step (80, 128 or
+# 168 registers) and spills 8 bytes to get there; so the ieee small tiles (16 x 32, 32 x 32, whatever the warps and stages)
 # give way to 16 x 128 tiles and 32 x 64 tiles over 8 warps, and the step kernel's tf32 64 x 128 tile to
 # 32 x 128. The 16-warp scratch tile says maxnreg=128, which is all a 512-thread block can have anyway:
 # left to itself, ptxas aims at two blocks per SM (64 registers) when B and d are multiples of 16, and
@@ -490,7 +490,8 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: Optional[str] = None) -> str:
-    """``"single"`` (one launch per solve) or ``"stepwise"`` (a launch per iteration) for a problem shape.
+    """``"single"`` (one launch per solve), ``"stepwise"`` (a launch per iteration) or, only when asked
+    for, ``"split"`` for a problem shape.
 
     ``path`` (or the environment variable ``PCDEQ_TRITON_PATH``) forces one: ``"single"``,
     ``"stepwise"``, ``"split"`` or ``"auto"`` (the default). ``stop="batch"`` is always stepwise (or
