@@ -63,6 +63,7 @@ from problems import (
     check_nan_residual_never_counts_as_converged,
     check_ragged_convergence,
     check_z0_is_the_starting_point,
+    cuda_matmul_fp32_precision,
     float32_matmul_precision,
     make_problem,
     not_slower,
@@ -209,14 +210,23 @@ def test_tf32_forward_and_adjoint(activation, stop, path, fp32_tf32):
         assert_within_rounding(h, h_star, c, "tf32", stop)
 
 
+# torch's two ways to ask for exact or tf32 float32 matmuls: the legacy global setting and the newer
+# per-backend attribute (torch >= 2.9), after which the legacy getter raises; ops_cuda.cu reads either.
+PRECISION_APIS = {
+    "legacy": {"exact": lambda: float32_matmul_precision("highest"), "tf32": lambda: float32_matmul_precision("high")},
+    "fp32_precision": {"exact": lambda: cuda_matmul_fp32_precision("ieee"), "tf32": lambda: cuda_matmul_fp32_precision("tf32")},
+}
+
+
 @gpu
-def test_fp32_precision_setting_picks_the_engine():
+@pytest.mark.parametrize("api", sorted(PRECISION_APIS))
+def test_fp32_precision_setting_picks_the_engine(api):
     # the same float32 problem: exact to 1e-5 at "highest", tf32-perturbed (but within 5e-3) at "high"
     u, w = _gpu(*make_problem(33, 300, "tanh", dtype=torch.float64, weight_scale=0.5))
     z_star = reference.forward_solve(u, w, "tanh", tol=1e-13, max_iter=2000)[0]
-    with float32_matmul_precision("highest"):
+    with PRECISION_APIS[api]["exact"]():
         exact = cuda.forward_solve(u.float(), w.float(), None, "tanh", 1e-7, 500, "sample")[0]
-    with float32_matmul_precision("high"):
+    with PRECISION_APIS[api]["tf32"]():
         tf32 = cuda.forward_solve(u.float(), w.float(), None, "tanh", 1e-7, 500, "sample")[0]
     assert _sample_rel_err(exact, z_star) < 1e-5
     assert 1e-6 < _sample_rel_err(tf32, z_star) <= TF32_RTOL
