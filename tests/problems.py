@@ -244,10 +244,14 @@ def check_inputs_not_modified_and_strides_do_not_matter(backend, u, w, adjoint):
 
 def check_empty_batch(u, w):
     """pcdeq_C.forward_solve of a batch of no samples (u of shape (0, ...)) gives a state of u's shape
-    and empty counts, residuals and flags, the state and counts on w's device."""
+    and empty counts, residuals and flags, the state and counts on w's device; given a z0, a copy of
+    it (an op's outputs never alias its inputs)."""
     z, its, res, conv = torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-4, 10, False)
     assert z.shape == u.shape and its.shape == res.shape == conv.shape == (0,)
     assert z.device == w.device and its.device == w.device
+    z0 = torch.zeros_like(u)
+    z = torch.ops.pcdeq_C.forward_solve(u, w, z0, 0, 1e-4, 10, False)[0]
+    assert z.shape == u.shape and z.untyped_storage()._cdata != z0.untyped_storage()._cdata
 
 
 def check_bad_inputs_raise_clear_errors(backend, u, w):

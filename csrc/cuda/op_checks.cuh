@@ -65,7 +65,7 @@ inline SolveOutputs trivial_solve(const at::Tensor& x0, double tol, int64_t max_
   const int64_t its = max_iter == 0 ? 0 : (stops ? 1 : max_iter);
   const double res = max_iter == 0 ? std::numeric_limits<double>::infinity() : 0.0;
   return {
-      x0.to(out_dtype),
+      x0.to(out_dtype, /*non_blocking=*/false, /*copy=*/true),  // never z0 itself: an op's outputs must not alias its inputs
       at::full({batch}, its, options.dtype(at::kInt)),
       at::full({batch}, res, options),
       at::full({batch}, max_iter > 0 && stops, options.dtype(at::kBool)),
