@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -47,21 +48,35 @@ using namespace pcdeq_fallback;  // NOLINT: see above
 namespace pcdeq::cuda {
 namespace {
 
+// Overload ranks: tf32_setting(ctx, Rank<2>{}) takes the first of the overloads below that compiles.
+template <int N>
+struct Rank : Rank<N - 1> {};
+template <>
+struct Rank<0> {};
+
 // The newer API: what torch's own cuBLAS matmuls follow (torch.backends.cuda.matmul.fp32_precision).
+// torch 2.10+: enums.
 template <class Ctx, class Backend = at::Float32Backend, class Op = at::Float32Op, class Precision = at::Float32Precision>
-auto tf32_setting(const Ctx& ctx, int) -> decltype(ctx.float32Precision(Backend::CUDA, Op::MATMUL) == Precision::TF32) {
+auto tf32_setting(const Ctx& ctx, Rank<2>) -> decltype(ctx.float32Precision(Backend::CUDA, Op::MATMUL) == Precision::TF32) {
   return ctx.float32Precision(Backend::CUDA, Op::MATMUL) == Precision::TF32;
+}
+
+// torch 2.9: the same setting as strings. (Its legacy getter raises once the newer API asked for tf32
+// while the legacy setting says "highest", so without this overload such a request ran in exact fp32.)
+template <class Ctx>
+auto tf32_setting(const Ctx& ctx, Rank<1>) -> decltype(ctx.float32Precision(std::string("cuda"), std::string("matmul")) == "tf32") {
+  return ctx.float32Precision(std::string("cuda"), std::string("matmul")) == "tf32";
 }
 
 // Older torch: torch.set_float32_matmul_precision(); tf32 unless "highest".
 template <class Ctx>
-bool tf32_setting(const Ctx& ctx, long) {
+bool tf32_setting(const Ctx& ctx, Rank<0>) {
   return ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
 }
 
 bool tf32_allowed() {
   try {
-    return tf32_setting(at::globalContext(), 0);
+    return tf32_setting(at::globalContext(), Rank<2>{});
   } catch (const c10::Error&) {
     return false;  // torch refuses to answer when its old and new settings disagree: stay exact
   }
