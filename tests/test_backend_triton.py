@@ -347,6 +347,36 @@ def test_autotuning_can_be_turned_off(monkeypatch):
         dense._prune_tiles(dense.STEP_CONFIGS, named)
 
 
+
+def test_autotuners_time_nothing_when_autotuning_is_off(monkeypatch):
+    """Every autotuner times its configs with ``dense.benchmark``: with autotuning off it neither runs nor
+    times the lone config left (Triton 3.6 would time it: seconds per test run, minutes under
+    compute-sanitizer); on, it hands the launch to Triton's own timer."""
+    from pcdeq_kernels.triton import conv
+
+    kernels = [dense._solve_onchip_kernel, dense._solve_scratch_kernel, dense._step_kernel,
+               conv._solve_scratch_kernel, conv._step_kernel]
+    assert all(kernel.do_bench is dense.benchmark for kernel in kernels)
+
+    def launch():
+        raise AssertionError("the lone config was run for timing")
+
+    monkeypatch.setenv("PCDEQ_TRITON_AUTOTUNE", "0")
+    assert dense.benchmark(launch, (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+
+    timed = []
+
+    class Driver:  # stands in for Triton's GPU driver, whose benchmarker is triton.testing.do_bench
+        class active:
+            @staticmethod
+            def get_benchmarker():
+                return lambda call, quantiles: timed.append((call, quantiles)) or [1.0, 0.9, 1.1]
+
+    monkeypatch.setattr(dense, "driver", Driver)
+    monkeypatch.setenv("PCDEQ_TRITON_AUTOTUNE", "1")
+    assert dense.benchmark(launch, (0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert timed == [(launch, (0.5, 0.2, 0.8))]
+
 def test_stepwise_state_planes_start_aligned():
     """Both planes start 128 bytes apart at least (Triton specialises a launch on 16-byte aligned
     pointers: misaligned odd planes would compile every step kernel twice), whatever the shape."""

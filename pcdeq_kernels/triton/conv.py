@@ -79,7 +79,9 @@ from torch import Tensor
 from .. import reference
 from ..activations import get_activation
 from . import aot, dense
-from .dense import _arg, _check_every, _configs, _num_sms, _stats, _tuned, autotuned, launching, resolve_precision
+from .dense import (
+    _arg, _check_every, _configs, _num_sms, _stats, _tuned, autotuned, benchmark, launching, resolve_precision,
+)
 from .epilogue import ADJOINT, _close_previous_step, _initial_state, _next_state, _relative_residual
 
 # 32-bit indexing inside an image (C * H * W) and inside the packed kernel (9 * C^2).
@@ -173,7 +175,7 @@ def _conv_tile(x_ptr, w_ptr, pix, pix_ok, cols_n, C, H, Wd, stride_wt, stride_wk
 
 
 @triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
-                 prune_configs_by={"early_config_prune": _prune_tiles})
+                 prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark)
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
     x0_ptr, bias_ptr, scale_ptr, w_ptr, buf_ptr, out_ptr, its_ptr, res_ptr, conv_ptr,
@@ -246,7 +248,7 @@ def _solve_scratch_kernel(
 
 @triton.autotune(
     configs=_tuned(STEP_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
-    prune_configs_by={"early_config_prune": _prune_tiles},
+    prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark,
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
 )

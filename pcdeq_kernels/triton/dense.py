@@ -64,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import driver
 
 from .. import reference
 from ..activations import get_activation
@@ -221,6 +222,15 @@ def autotuned(candidates):
     return prune
 
 
+def benchmark(kernel_call, quantiles):
+    """The autotuners' timer (their ``do_bench``). With autotuning off the prune leaves one config, which
+    Triton 3.8+ launches untimed; Triton 3.6 times even a lone config (warm-up, repetitions, an L2 flush
+    per run: 0.1 to 0.3 s per shape, many times that under compute-sanitizer), so here it is not run."""
+    if not autotuning():
+        return [0.0] * len(quantiles)
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
 _prune_onchip = autotuned(_onchip_candidates)
 _prune_tiles = autotuned(_tile_candidates)
 
@@ -233,7 +243,7 @@ _prune_tiles = autotuned(_tile_candidates)
 
 
 @triton.autotune(configs=_tuned(ONCHIP_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
-                 prune_configs_by={"early_config_prune": _prune_onchip})
+                 prune_configs_by={"early_config_prune": _prune_onchip}, do_bench=benchmark)
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_onchip_kernel(
     x0_ptr, bias_ptr, scale_ptr, w_ptr, out_ptr, its_ptr, res_ptr, conv_ptr,
@@ -310,7 +320,7 @@ def _matmul_tile(a_ptr, w_ptr, row_ok, cols_n, d, stride_wk, stride_wn, PRECISIO
 
 
 @triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
-                 prune_configs_by={"early_config_prune": _prune_tiles})
+                 prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark)
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
     x0_ptr, bias_ptr, scale_ptr, w_ptr, buf_ptr, out_ptr, its_ptr, res_ptr, conv_ptr,
@@ -385,7 +395,7 @@ def _solve_scratch_kernel(
 
 @triton.autotune(
     configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT", "FUSED_MATMUL"],
-    prune_configs_by={"early_config_prune": _prune_tiles},
+    prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark,
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
 )
