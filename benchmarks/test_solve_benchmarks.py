@@ -21,12 +21,19 @@ if DEVICE == "cuda":
     SHAPES.update({f"{b}x{d}": (b, d) for b in (256, 1024, 8192) for d in (256, 1024, 4096)})
     SHAPES.update({"64x82x28x28": (64, 82, 28, 28), "64x125x32x32": (64, 125, 32, 32)})
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-AVAILABLE = {kind: paths.available_paths(DEVICE, kind) for kind in ("dense", "conv")}
-ALL_PATHS = list(paths.PEERS) + [p for p in AVAILABLE["dense"] if p not in paths.PEERS]
+AVAILABLE = {(kind, dtype): paths.available_paths(DEVICE, kind, dtype) for kind in ("dense", "conv") for dtype in DTYPES}
+ALL_PATHS = list(paths.PEERS) + [p for p in AVAILABLE["dense", torch.float32] if p not in paths.PEERS]
+# Agreement with the official loop (relative, z* and the gradients), which iterates in the problem's
+# dtype while the project solves in float32 and rounds once: in float32 within the stopping tolerance
+# (1e-4, amplified by the contraction; the gradients compound forward and adjoint), in bfloat16 within
+# its rounding (2^-8 per operation, amplified likewise: measured on CPU, 1.7e-3 for z*, up to 6.8e-3
+# for the gradients).
+AGREEMENT = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+GRAD_AGREEMENT = {torch.float32: 1e-2, torch.bfloat16: 3e-2}
 
 
 def _runner(path, shape, dtype):
-    why = AVAILABLE["conv" if len(SHAPES[shape]) == 4 else "dense"][path]
+    why = AVAILABLE["conv" if len(SHAPES[shape]) == 4 else "dense", dtype][path]
     if why:
         pytest.skip(f"{path}: {why}")
     u, w = paths.problem_for_shape(SHAPES[shape], device=DEVICE, dtype=dtype)
@@ -54,7 +61,7 @@ def _rel(a, b):
 def test_forward_solve(benchmark, mode, path, shape, dtype):
     run, official = _runner(path, shape, dtype)
     z = benchmark(_sync(run.forward))
-    assert _rel(z, official.forward()) < 1e-3  # all stop within tol=1e-4 of the fixed point
+    assert _rel(z, official.forward()) < AGREEMENT[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -65,4 +72,4 @@ def test_forward_backward_step(benchmark, mode, path, shape, dtype):
     run, official = _runner(path, shape, dtype)
     grads = benchmark(_sync(run.train_step))
     for got, want in zip(grads, official.train_step()):
-        assert _rel(got, want) < 1e-2  # forward and adjoint both stop at tol=1e-4
+        assert _rel(got, want) < GRAD_AGREEMENT[dtype]

@@ -1,16 +1,18 @@
-"""The benchmark report command on a tiny grid: table, JSON with versions, plots, agreement check."""
+"""The benchmark report command on a tiny grid: table, JSON with versions, plots, agreement check.
+On CPU tensors (``--device cpu``) also on a GPU machine, where the command defaults to cuda."""
 
 import json
 import os
 
 import pytest
+import torch
 
 from pcdeq_kernels.bench import paths
 from pcdeq_kernels.bench.__main__ import main
 
 
 def test_report_writes_table_json_and_plots(tmp_path, capsys):
-    assert main(["--shapes", "16x12,5x33", "--min-seconds", "0.01", "--out", str(tmp_path), "--no-progress",
+    assert main(["--device", "cpu", "--shapes", "16x12,5x33", "--min-seconds", "0.01", "--out", str(tmp_path), "--no-progress",
                  "--paths", "official,reference"]) == 0
     out = capsys.readouterr().out
     assert "official" in out and "reference" in out and "vs official" in out
@@ -47,7 +49,7 @@ def test_bad_shapes_argument():
 
 
 def test_conv_grid_times_the_cpu_backend_on_conv_problems(tmp_path, capsys):
-    assert main(["--shapes", "3x4x5x6", "--min-seconds", "0.01", "--out", str(tmp_path), "--no-progress",
+    assert main(["--device", "cpu", "--shapes", "3x4x5x6", "--min-seconds", "0.01", "--out", str(tmp_path), "--no-progress",
                  "--paths", "official,reference,cpu", "--modes", "forward"]) == 0
     (json_file,) = tmp_path.glob("*conv*.json")
     rows = json.loads(json_file.read_text())["results"]
@@ -62,9 +64,9 @@ def test_conv_grid_times_the_cpu_backend_on_conv_problems(tmp_path, capsys):
 
 def test_unknown_paths_and_modes_are_errors(tmp_path):
     with pytest.raises(ValueError, match="official"):
-        main(["--shapes", "4x6", "--paths", "official,refrence", "--out", str(tmp_path), "--no-progress"])
+        main(["--device", "cpu", "--shapes", "4x6", "--paths", "official,refrence", "--out", str(tmp_path), "--no-progress"])
     with pytest.raises(ValueError, match="official"):  # speedups need the official loop
-        main(["--shapes", "4x6", "--paths", "reference", "--out", str(tmp_path), "--no-progress"])
+        main(["--device", "cpu", "--shapes", "4x6", "--paths", "reference", "--out", str(tmp_path), "--no-progress"])
     with pytest.raises(SystemExit):
         main(["--shapes", "4x6", "--modes", "forward,backward"])
 
@@ -99,3 +101,20 @@ def test_forced_loops_are_opt_in_and_set_the_backends_path_variable(monkeypatch)
     monkeypatch.setattr(reference, "adjoint_solve", adjoint_spy)
     runner.train_step()
     assert solves == ["stepwise"] and "PCDEQ_TRITON_PATH" not in os.environ
+
+
+def test_paths_say_why_they_cannot_run_a_dtype_or_kind(monkeypatch):
+    """torchdeq's Anderson solver has no half-precision kernels (torch.linalg.solve); the Triton split
+    loop is dense only. Checked as a GPU machine would see them: every backend there."""
+    import types
+
+    gpu_backend = types.SimpleNamespace(supports=lambda device_type, kind: True)
+    monkeypatch.setattr(paths.backends, "available_backends", lambda: {"reference": True, "cuda": True, "triton": True})
+    monkeypatch.setattr(paths.backends, "get", lambda name: gpu_backend)
+    monkeypatch.setattr(paths, "torchdeq_missing_reason", lambda: "")
+    dense32 = paths.available_paths("cuda", "dense")
+    assert all(why == "" for why in dense32.values()) and "triton-split" in dense32
+    assert "torch.linalg.solve" in paths.available_paths("cuda", "dense", torch.bfloat16)["torchdeq-anderson"]
+    assert paths.available_paths("cuda", "dense", torch.bfloat16)["torchdeq-fpi"] == ""
+    conv = paths.available_paths("cuda", "conv")
+    assert conv["triton-split"] == "dense problems only" and conv["triton-stepwise"] == ""

@@ -82,11 +82,15 @@ def torchdeq_missing_reason() -> str:
     return ""
 
 
-def available_paths(device_type: str, kind: str = "dense") -> dict[str, str]:
-    """Every path name -> '' if it runs here for ``kind`` ("dense" or "conv") problems, else the reason it does not."""
+def available_paths(device_type: str, kind: str = "dense", dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """Every path name -> '' if it runs here for ``kind`` ("dense" or "conv") problems in ``dtype``, else
+    the reason it does not."""
     out = {"official": ""}
     reason = torchdeq_missing_reason()
     out["torchdeq-fpi"] = out["torchdeq-anderson"] = reason
+    if not reason and dtype in (torch.float16, torch.bfloat16):
+        out["torchdeq-anderson"] = ("torchdeq's Anderson solver calls torch.linalg.solve, which has no "
+                                    f"{str(dtype).replace('torch.', '')} kernels")
     for name, ok in backends.available_backends().items():
         if not ok:
             out[name] = backends._why_unavailable(name)
@@ -96,8 +100,8 @@ def available_paths(device_type: str, kind: str = "dense") -> dict[str, str]:
             out[name] = "the Triton interpreter is never timed"
         else:
             out[name] = ""
-    for name, (backend, _, _) in FORCED_LOOPS.items():
-        out[name] = out[backend]
+    for name, (backend, _, loop) in FORCED_LOOPS.items():
+        out[name] = out[backend] or ("dense problems only" if loop == "split" and kind == "conv" else "")
     return out
 
 

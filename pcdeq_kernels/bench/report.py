@@ -86,7 +86,7 @@ def run_grid(shapes, *, device="cpu", dtype=torch.float32, activation="tanh", to
     kinds = {"conv" if len(shape) == 4 else "dense" for shape in shapes}
     availability = {}
     for kind in sorted(kinds):  # a path runs the grid only if it runs every kind in it
-        for p, why in paths.available_paths(device_type, kind).items():
+        for p, why in paths.available_paths(device_type, kind, dtype).items():
             availability[p] = availability.get(p) or why
     # Forced solve loops run only when named: by default each backend runs as its dispatcher chooses.
     default = [p for p in availability if p not in paths.FORCED_LOOPS]
