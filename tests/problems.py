@@ -42,6 +42,18 @@ def cuda_matmul_fp32_precision(value):
         matmul.fp32_precision = before
 
 
+@contextlib.contextmanager
+def cudnn_allow_tf32(allow):
+    """torch's float32 convolution precision set the legacy way (``torch.backends.cudnn.allow_tf32``,
+    default True) to ``allow`` inside the block, restored after."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def make_problem(batch, dim, activation, *, dtype=torch.float64, weight_scale=0.5, conv_hw=None, seed=0, u_scale=1.0, u_offset=0.0):
     """A random well-posed pcDEQ problem: W >= 0 with row sums about ``weight_scale`` (so the map is a
     contraction of moderate strength), u from the injection the activation's family uses.

@@ -34,7 +34,6 @@ Tolerances, each with its reason:
   4 * 2^-24 sqrt(n) / (1 - c) for float16's subnormal spacing.
 """
 
-import contextlib
 import functools
 import math
 
@@ -59,6 +58,7 @@ from problems import (
     check_nan_residual_never_counts_as_converged,
     check_ragged_convergence,
     check_z0_is_the_starting_point,
+    cudnn_allow_tf32,
     forward_map,
     gradcheck_fixed_point,
     make_problem,
@@ -83,17 +83,6 @@ def schedule(request, monkeypatch):
     """The host-check schedule (read by the C++ side at every call)."""
     monkeypatch.setenv("PCDEQ_CUDA_CHECK_EVERY", request.param)
     return request.param
-
-
-@contextlib.contextmanager
-def cudnn_allow_tf32(allow):
-    """torch.backends.cudnn.allow_tf32 set to ``allow`` inside the block, restored after."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.fixture

@@ -118,3 +118,23 @@ def test_paths_say_why_they_cannot_run_a_dtype_or_kind(monkeypatch):
     assert paths.available_paths("cuda", "dense", torch.bfloat16)["torchdeq-fpi"] == ""
     conv = paths.available_paths("cuda", "conv")
     assert conv["triton-split"] == "dense problems only" and conv["triton-stepwise"] == ""
+
+
+def test_gpu_peak_follows_torchs_precision_for_the_grids_op():
+    """float32 peaks: matmuls exact by default (FP32 peak), convolutions TF32 by default (tf32 peak);
+    a grid mixing the two at different precisions has no single peak."""
+    from pcdeq_kernels.bench.report import peak_tflops
+
+    from problems import cudnn_allow_tf32, float32_matmul_precision
+
+    gpu = "NVIDIA H100 80GB HBM3"
+    with float32_matmul_precision("highest"), cudnn_allow_tf32(True):
+        assert peak_tflops(gpu, torch.float32, ["dense"])[0] == 66.9
+        assert peak_tflops(gpu, torch.float32, ["conv"])[0] == 494.7
+        assert peak_tflops(gpu, torch.float32, ["conv", "dense"])[0] is None
+        assert peak_tflops(gpu, torch.bfloat16, ["conv", "dense"])[0] == 989.4
+    with float32_matmul_precision("high"), cudnn_allow_tf32(True):
+        assert peak_tflops(gpu, torch.float32, ["conv", "dense"])[0] == 494.7
+    with cudnn_allow_tf32(False):
+        assert peak_tflops(gpu, torch.float32, ["conv"])[0] == 66.9
+    assert peak_tflops(None, torch.float32)[0] is None

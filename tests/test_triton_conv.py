@@ -33,7 +33,8 @@ from pcdeq_kernels.activations import get_activation  # noqa: E402
 from pcdeq_kernels.backends import triton as triton_backend  # noqa: E402
 from pcdeq_kernels.triton import aot, conv, dense  # noqa: E402
 
-from problems import ALL_ACTIVATIONS, adjoint_map, forward_map, make_problem  # noqa: E402
+from pcdeq_kernels.precision import torch_conv_precision  # noqa: E402
+from problems import ALL_ACTIVATIONS, adjoint_map, cudnn_allow_tf32, forward_map, make_problem  # noqa: E402
 from test_backend_triton import (  # noqa: E402
     AOT_FULL,
     DEVICE,
@@ -48,6 +49,16 @@ from test_backend_triton import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(), reason=triton_backend.unavailable_reason())
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_convolutions():
+    """torch's float32 convolutions exact (no TF32) in every test here: on a GPU the reference convolves
+    with cuDNN, in TF32 by default, and a float32 comparison should test the kernels rather than TF32's
+    rounding (test_tf32_on_gpu does that); the Triton conv path's default precision follows the same
+    switch (``conv.resolve_precision``)."""
+    with cudnn_allow_tf32(False):
+        yield
 
 PATHS = ("single", "stepwise")
 # (B, C, (H, W)): see the module docstring
@@ -295,6 +306,32 @@ def test_choose_path(monkeypatch):
         conv.choose_path(64, 20, 32, 32, stop="batch", path="single")
     with pytest.raises(ValueError, match="Triton solve path must be one of"):
         conv.choose_path(64, 20, 32, 32, path="fast")
+
+
+def test_precision_follows_torchs_convolution_setting(monkeypatch):
+    """By default a conv solve computes as torch's conv2d would: TF32 unless torch's float32 convolution
+    switch (legacy ``cudnn.allow_tf32`` or newer ``cudnn.conv.fp32_precision``) says exact; dense
+    solves follow the matmul switch (exact unless asked). An explicit precision or
+    PCDEQ_TRITON_PRECISION overrides."""
+    monkeypatch.delenv("PCDEQ_TRITON_PRECISION", raising=False)
+    assert torch_conv_precision() == conv.resolve_precision() == "ieee"  # this module's fixture
+    with cudnn_allow_tf32(True):  # torch's default
+        assert torch_conv_precision() == conv.resolve_precision() == "tf32"
+        assert dense.resolve_precision() == "ieee"
+        assert conv.resolve_precision("ieee") == "ieee"
+        monkeypatch.setenv("PCDEQ_TRITON_PRECISION", "ieee")
+        assert conv.resolve_precision() == "ieee"
+        monkeypatch.delenv("PCDEQ_TRITON_PRECISION")
+    if hasattr(torch.backends.cudnn, "conv"):  # the newer API (torch >= 2.9)
+        setting = torch.backends.cudnn.conv
+        before = setting.fp32_precision
+        try:
+            setting.fp32_precision = "tf32"
+            assert conv.resolve_precision() == "tf32"
+            setting.fp32_precision = "ieee"
+            assert conv.resolve_precision() == "ieee"
+        finally:
+            setting.fp32_precision = before
 
 
 def test_bad_inputs_raise_clear_errors(monkeypatch):

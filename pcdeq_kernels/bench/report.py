@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..activations import get_activation
-from ..precision import torch_matmul_precision
+from ..precision import torch_conv_precision, torch_matmul_precision
 from ..reference import activation_derivative_at, adjoint_map, contraction_bound, linear_map, relative_residual
 from . import paths
 from .timing import measure
@@ -30,8 +30,9 @@ FULL_SHAPES = [(64, 80)] + [(b, d) for b in (256, 1024, 8192) for d in (256, 102
 # (125, 32x32); the multi-conv CIFAR-10 stages (20 at 32x32, 50 at 15x15, 80 at 7x7).
 CONV_QUICK_SHAPES = [(64, 82, 28, 28)]
 CONV_SHAPES = [(64, 82, 28, 28), (64, 125, 32, 32), (64, 20, 32, 32), (64, 50, 15, 15), (64, 80, 7, 7)]
-# Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: tf32 for float32 under "high"/"medium"
-# matmul precision, plain FP32 for "highest"; fp16 and bf16 share a peak.
+# Dense tensor-core peaks (TFLOP/s) from NVIDIA's datasheets: tf32 for float32 where torch's setting for
+# the grid's op (matmul for dense problems, convolution for conv ones) allows TF32, plain FP32 where it
+# asks for exact float32; fp16 and bf16 share a peak.
 GPU_PEAKS = {
     "H100 SXM": {"tf32": 494.7, "fp32": 66.9, "half": 989.4},
     "H100 PCIe": {"tf32": 378.0, "fp32": 51.2, "half": 756.0},
@@ -53,6 +54,7 @@ def machine_info(device_type: str) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "float32_matmul_precision": torch_matmul_precision(),  # "ieee" or "tf32"
+        "float32_conv_precision": torch_conv_precision(),  # the same for convolutions (cuDNN's switch)
     }
     try:
         import triton
@@ -66,15 +68,21 @@ def machine_info(device_type: str) -> dict:
     return info
 
 
-def peak_tflops(gpu_name: str | None, dtype: torch.dtype) -> tuple[float | None, str]:
+def peak_tflops(gpu_name: str | None, dtype: torch.dtype, kinds=("dense",)) -> tuple[float | None, str]:
+    """The GPU's peak for the grid: by dtype and, for float32, torch's precision setting for the op of
+    the grid's ``kinds`` ("dense": matmuls, "conv": convolutions; None when they differ)."""
     if not gpu_name:
         return None, "no known peak for a CPU"
     for key, peaks in GPU_PEAKS.items():
         if key in gpu_name:
             if dtype in (torch.float16, torch.bfloat16):
                 return peaks["half"], f"{key} fp16/bf16 tensor cores"
-            if torch_matmul_precision() == "ieee":
-                return peaks["fp32"], f"{key} FP32 (float32 matmul precision 'ieee')"
+            settings = {kind: torch_conv_precision() if kind == "conv" else torch_matmul_precision() for kind in kinds}
+            if len(set(settings.values())) > 1:
+                return None, f"dense and conv shapes at different float32 precisions ({settings}): no single peak"
+            (precision,) = set(settings.values())
+            if precision == "ieee":
+                return peaks["fp32"], f"{key} FP32 (torch's float32 {'/'.join(sorted(kinds))} precision 'ieee')"
             return peaks["tf32"], f"{key} tf32 tensor cores"
     return None, f"no peak on record for {gpu_name}"
 
@@ -99,7 +107,7 @@ def run_grid(shapes, *, device="cpu", dtype=torch.float32, activation="tanh", to
         )
     skipped = {p: why for p, why in availability.items() if why and p in (paths_to_run or default)}
     info = machine_info(device_type)
-    peak, peak_source = peak_tflops(info.get("gpu"), dtype)
+    peak, peak_source = peak_tflops(info.get("gpu"), dtype, sorted(kinds))
     jobs = [(shape, mode, path) for shape in shapes for mode in modes for path in chosen]
     bar = _progress(len(jobs), progress)
     rows = []

@@ -61,7 +61,9 @@ together once the ratio over the whole batch is below ``tol``. Images are indepe
 
 ``choose_path`` picks between them by shape (overridable, as dense's). Precision, operand dtypes and
 configurations follow ``dense.py``: float32 state and accumulation; fp32/fp16/bf16 operands converted
-in registers; ``"ieee"`` or ``"tf32"`` dots (``resolve_precision``; ieee configs use K blocks of 16);
+in registers; ``"ieee"`` or ``"tf32"`` dots (``resolve_precision``: by default what torch's own float32
+convolutions use, TF32 unless turned off, as the reference's and the CUDA backend's cuDNN calls do;
+ieee configs use K blocks of 16);
 configurations compile without register spills for sm_80 and sm_90 (``aot_plan``/``aot_compile``,
 checked by the tests; see ``aot_compile`` for the one kind of spill ptxas chooses by itself).
 """
@@ -78,9 +80,10 @@ from torch import Tensor
 
 from .. import reference
 from ..activations import get_activation
+from ..precision import torch_conv_precision
 from . import aot, dense
 from .dense import (
-    _arg, _check_every, _configs, _num_sms, _stats, _tuned, autotuned, benchmark, launching, resolve_precision,
+    _arg, _check_every, _configs, _num_sms, _stats, _tuned, autotuned, benchmark, launching,
 )
 from .epilogue import ADJOINT, _close_previous_step, _initial_state, _next_state, _relative_residual
 
@@ -304,6 +307,14 @@ def _step_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
+def resolve_precision(precision: Optional[str] = None) -> str:
+    """``dense.resolve_precision`` with torch's float32 *convolution* setting as the default (cuDNN's TF32
+    switch, on unless ``torch.backends.cudnn.allow_tf32 = False`` or
+    ``torch.backends.cudnn.conv.fp32_precision = "ieee"``): a conv solve computes at the precision
+    torch's conv2d would, as the reference's and the CUDA backend's convolutions do."""
+    return dense.resolve_precision(precision, torch_setting=torch_conv_precision)
+
+
 def choose_path(batch: int, channels: int, height: int, width: int, stop: str = "sample", device=None,
                 path: Optional[str] = None) -> str:
     """``"single"`` (one launch per solve) or ``"stepwise"`` (a launch per iteration) for a problem shape.
@@ -465,7 +476,7 @@ def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: s
 
     Returns ``(z* in u.dtype and u's memory format, iterations int32, residual float32, converged
     bool)``, each per image, with the semantics of ``reference.forward_solve``. ``path``: see
-    ``choose_path``; ``precision``: see ``dense.resolve_precision``; ``check_every``: how many steps the
+    ``choose_path``; ``precision``: see ``resolve_precision``; ``check_every``: how many steps the
     stepwise loop runs between host reads of the convergence flags (``PCDEQ_TRITON_CHECK_EVERY``, 8).
     """
     act_id = get_activation(activation).kernel_id

@@ -474,7 +474,7 @@ def launching(device: torch.device):
         yield
 
 
-def resolve_precision(precision: Optional[str] = None) -> str:
+def resolve_precision(precision: Optional[str] = None, torch_setting=torch_matmul_precision) -> str:
     """The ``tl.dot`` input precision for float32 matmuls: ``"ieee"`` (exact fp32) or ``"tf32"``.
 
     ``precision`` overrides; else the environment variable ``PCDEQ_TRITON_PRECISION``; else torch's
@@ -482,12 +482,13 @@ def resolve_precision(precision: Optional[str] = None) -> str:
     default, ``"highest"``) gives ``"ieee"``, TF32 (``"high"``/``"medium"``, or
     ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) gives ``"tf32"``. Half-precision operands
     are converted to float32 in registers and go through the same dot (fp16 and bf16 values are exact
-    in tf32, so only the float32 state is rounded under ``"tf32"``).
+    in tf32, so only the float32 state is rounded under ``"tf32"``). ``torch_setting``: which of torch's
+    settings gives the default (convolutions pass ``torch_conv_precision``).
     """
     if precision is None:
         precision = os.environ.get("PCDEQ_TRITON_PRECISION") or None
     if precision is None:
-        return torch_matmul_precision()
+        return torch_setting()
     if precision not in PRECISIONS:
         raise ValueError(f"input precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
