@@ -4,9 +4,9 @@
     compute-sanitizer --tool synccheck --error-exitcode 1 python scripts/sanitize_kernels.py
     compute-sanitizer --tool memcheck  --error-exitcode 1 python scripts/sanitize_kernels.py
 
-(``benchmarks/gpu_suite.sh OUT sanitize`` runs the three). Each backend that is available (cuda,
-triton) runs both of its loops, forward and adjoint solves (fixed_point with a backward pass), dense and
-convolutional, with ragged shapes (B, d, C, H, W not multiples of any block) and a few steps only: the
+(``benchmarks/gpu_suite.sh OUT build sanitize-racecheck sanitize-synccheck sanitize-memcheck`` runs the
+three, with ``PCDEQ_TRITON_AUTOTUNE=0``). Each backend that is available (cuda, triton) runs both of
+its loops, forward and adjoint solves (fixed_point with a backward pass), dense and convolutional, with ragged shapes (B, d, C, H, W not multiples of any block) and a few steps only: the
 sanitizers slow kernels down a hundredfold. Also checks each result against the reference, so a run
 that the sanitizer passes but that computes garbage fails too.
 """
