@@ -306,6 +306,22 @@ def test_bad_path_variable(monkeypatch):
 
 
 @gpu
+def test_forced_single_launch_that_cannot_run_says_so(monkeypatch):
+    """PCDEQ_CUDA_PATH=single where one launch cannot solve the problem (the batch rule over several row
+    blocks; a row block's state beyond shared memory) runs the stepwise loop, with a warning that says why."""
+    monkeypatch.setenv("PCDEQ_CUDA_PATH", "single")
+    u, w = _gpu(*make_problem(40, 8, "tanh"))
+    with pytest.warns(UserWarning, match="stop='batch' over more than one 16-row block"):
+        z, its, _, conv = torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-9, 200, True)
+    z_ref = reference.forward_solve(u, w, "tanh", tol=1e-9, max_iter=200, stop="batch")[0]
+    assert conv.all() and len(set(its.tolist())) == 1
+    torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-12)
+    u, w = _gpu(*make_problem(3, 2000, "tanh"))  # float64: 16 x 2004 x 8 bytes x 2 buffers = 513 KB
+    with pytest.warns(UserWarning, match="bytes of shared memory"):
+        torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-9, 200, False)
+
+
+@gpu
 def test_auto_picks_cuda_for_dense_cuda_problems():
     assert pk.available_backends()["cuda"]
     assert backends.resolve("auto", "cuda", "dense") == "cuda"

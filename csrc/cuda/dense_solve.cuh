@@ -13,7 +13,7 @@ using SolveOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Which loop runs a solve. kAuto: the single-launch kernel when its shared memory fits and W is small
 // enough to stream from L2 every step (and, for the batch rule, the batch is one CTA); else stepwise.
-// PCDEQ_CUDA_PATH=single|stepwise forces one (single still falls back when it cannot run).
+// PCDEQ_CUDA_PATH=single|stepwise forces one (single falls back, with a warning, when it cannot run).
 enum class DensePath { kAuto, kSingleLaunch, kStepwise };
 
 // One prepared problem. Every tensor is contiguous and on one CUDA device.

@@ -107,6 +107,14 @@ SolveOutputs run_dense(const DenseProblem& pr) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return {out, iterations, residual, converged};
     }
+    if (pr.path == DensePath::kSingleLaunch) {
+      TORCH_WARN("PCDEQ_CUDA_PATH=single: a 16-row block of this problem (d = ", d, ") needs ", layout.bytes,
+                 " bytes of shared memory, more than the device's ", smem_limit,
+                 "; running the stepwise loop instead");
+    }
+  } else if (pr.path == DensePath::kSingleLaunch) {
+    TORCH_WARN("PCDEQ_CUDA_PATH=single: stop='batch' over more than one 16-row block needs a whole-batch ",
+               "reduction every step, which one launch cannot make; running the stepwise loop instead");
   }
 
   // --- stepwise ---
