@@ -3,11 +3,14 @@
 
     python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:shape,param:mode
     python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:shape -k "64x80"
+    PCDEQ_BENCH_SHAPES=full python -m pytest benchmarks --benchmark-enable     # on a GPU: the large grid too
 
 On CUDA machines the GPU is benchmarked (the timed function synchronizes); on CPU machines the CPU
 paths are (the Triton interpreter is never timed). In CI the benchmarks run once each
 (``--benchmark-disable``) as correctness checks: every path must agree with the official answer.
 """
+
+import os
 
 import pytest
 import torch
@@ -15,9 +18,14 @@ import torch
 from pcdeq_kernels.bench import paths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (B, d) dense, (B, C, H, W) convolutional; on CPU small enough to run in CI as correctness checks
+# (B, d) dense, (B, C, H, W) convolutional; small enough to run in CI (and in a GPU machine's test run)
+# as correctness checks. PCDEQ_BENCH_SHAPES=full on a GPU adds the report's grid and the paper's conv
+# layers: about 700 benchmarks, each autotuning its Triton kernels on first use.
+GRID = os.environ.get("PCDEQ_BENCH_SHAPES") or "small"
+if GRID not in ("small", "full"):
+    raise ValueError(f"PCDEQ_BENCH_SHAPES must be small (the default) or full, got {GRID!r}")
 SHAPES = {"64x80": (64, 80), "1024x256": (1024, 256), "16x24x14x14": (16, 24, 14, 14)}
-if DEVICE == "cuda":
+if DEVICE == "cuda" and GRID == "full":
     SHAPES.update({f"{b}x{d}": (b, d) for b in (256, 1024, 8192) for d in (256, 1024, 4096)})
     SHAPES.update({"64x82x28x28": (64, 82, 28, 28), "64x125x32x32": (64, 125, 32, 32)})
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
