@@ -18,40 +18,35 @@ ALL_ACTIVATIONS = sorted(ACTIVATIONS)
 
 
 @contextlib.contextmanager
+def setting(get, set_, value):
+    """A global setting (read with ``get()``, written with ``set_(value)``) changed inside the block and
+    restored after."""
+    before = get()
+    set_(value)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def float32_matmul_precision(precision):
     """torch's float32 matmul precision set the legacy way (``torch.set_float32_matmul_precision``:
-    "highest", "high" or "medium") inside the block, restored after."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
+    "highest", "high" or "medium") inside the block."""
+    return setting(torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, precision)
 
 
-@contextlib.contextmanager
 def cuda_matmul_fp32_precision(value):
     """``torch.backends.cuda.matmul.fp32_precision`` (torch's newer API: "ieee" or "tf32") set to
-    ``value`` inside the block, restored after (to "none", torch's default, unless set before)."""
+    ``value`` inside the block (restored to "none", torch's default, unless set before)."""
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = value
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
+    return setting(lambda: matmul.fp32_precision, lambda v: setattr(matmul, "fp32_precision", v), value)
 
 
-@contextlib.contextmanager
 def cudnn_allow_tf32(allow):
     """torch's float32 convolution precision set the legacy way (``torch.backends.cudnn.allow_tf32``,
-    default True) to ``allow`` inside the block, restored after."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
+    default True) to ``allow`` inside the block."""
+    cudnn = torch.backends.cudnn
+    return setting(lambda: cudnn.allow_tf32, lambda v: setattr(cudnn, "allow_tf32", v), allow)
 
 
 def make_problem(batch, dim, activation, *, dtype=torch.float64, weight_scale=0.5, conv_hw=None, seed=0, u_scale=1.0, u_offset=0.0):

@@ -5,7 +5,6 @@ Skipped as a whole only when the extension is not built (CI builds it: `pip inst
 tests/problems.py: this backend differs from the reference only in summation order.
 """
 
-import contextlib
 import math
 import os
 import re
@@ -39,6 +38,7 @@ from problems import (
     make_problem,
     opcheck_both_ops,
     ragged_problem,
+    setting,
     unrolled_fixed_point,
 )
 
@@ -49,15 +49,9 @@ HEADER = Path(__file__).parents[1] / "csrc" / "include" / "pcdeq" / "activations
 SHAPES = [(b, d) for b in (1, 7, 33) for d in (1, 5, 80, 131)]
 
 
-@contextlib.contextmanager
 def intra_op_threads(n):
     """torch's intra-op thread count set to n inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return setting(torch.get_num_threads, torch.set_num_threads, n)
 
 
 @pytest.fixture
