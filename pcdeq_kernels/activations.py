@@ -1,8 +1,14 @@
-"""The activation table: the one place that defines each concave activation.
+"""The map table: the one place that defines each activation and the id every kernel knows it by.
 
-Every backend reads this table: the reference calls ``fn``/``derivative`` directly, kernels use
-``kernel_id`` as a compile-time constant, and the C++/CUDA header ``csrc/include/pcdeq/activations.h``
-uses the same ids (a test checks the two agree).
+A solve iterates one of these maps, each picked in the kernels by a compile-time id:
+
+    forward   x <- act(L(x) + u)        id: the activation's ``kernel_id`` (0, 1, 2, ...)
+    adjoint   x <- D * (L^T(x) + v)     id: ``ADJOINT_ID`` (-1: it cannot collide with an activation)
+
+Every backend reads this table: the reference calls ``fn``/``derivative`` directly; the Triton kernels
+take their ids from ``map_ids()``; the C++/CUDA code includes ``csrc/include/pcdeq/map_ids.h``, which is
+generated from this table (``scripts/generate_map_ids.py``; a test fails when the two disagree) and
+whose ``PCDEQ_FOR_EACH_ACTIVATION`` list generates every switch over ids.
 
 A pcDEQ activation ``act`` must be nondecreasing and concave on ``[0, inf)`` with
 ``act([0, inf)) ⊆ [0, inf)``; all four below also are bounded, which makes a fixed point exist.
@@ -74,6 +80,51 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("sigmoid", 3, torch.sigmoid, _sigmoid_derivative, 0.5, 1.0, "pcDEQ-2"),
     )
 }
+
+
+ADJOINT_ID = -1  # the adjoint map's epilogue id; activation ids are >= 0, so the two cannot collide
+
+
+def map_ids() -> dict[str, int]:
+    """Every map a solve can iterate, by name: ``{"adjoint": -1, "tanh": 0, ...}``, in id order."""
+    return {"adjoint": ADJOINT_ID, **{a.name: a.kernel_id for a in sorted(ACTIVATIONS.values(), key=lambda a: a.kernel_id)}}
+
+
+def check_map_id(map_id: int) -> int:
+    """``map_id`` if it is in the table, else a ValueError (what launchers call before compiling a kernel)."""
+    if isinstance(map_id, bool) or map_id not in map_ids().values():
+        raise ValueError(f"unknown map id {map_id!r}: the map table (pcdeq_kernels.activations) has {map_ids()}")
+    return map_id
+
+
+def c_header() -> str:
+    """The text of ``csrc/include/pcdeq/map_ids.h``: the table's ids for the C++ and CUDA code."""
+    acts = sorted(ACTIVATIONS.values(), key=lambda a: a.kernel_id)
+    enum = "\n".join(f"  {a.name.upper()} = {a.kernel_id}," for a in acts)
+    each = " ".join(f"X({a.name.upper()}, {a.kernel_id})" for a in acts)
+    return f"""// Generated from pcdeq_kernels/activations.py by scripts/generate_map_ids.py: do not edit.
+// tests/test_activations.py fails when this file and the table disagree.
+//
+// The ids of the maps a solve iterates: an activation's id selects the forward map act(L(x) + u),
+// kAdjoint the adjoint map D * (L^T(x) + v). Activation ids are >= 0 and kAdjoint is < 0, so the
+// two cannot collide. Switches over ids are generated from PCDEQ_FOR_EACH_ACTIVATION (X(NAME, ID)
+// per activation, in id order), so a new table entry reaches every switch; an id without a formula
+// in activations.h is a compile-time error there.
+#pragma once
+
+namespace pcdeq {{
+
+enum Activation : int {{
+{enum}
+}};
+
+constexpr int kNumActivations = {len(acts)};
+constexpr int kAdjoint = {ADJOINT_ID};
+
+}}  // namespace pcdeq
+
+#define PCDEQ_FOR_EACH_ACTIVATION(X) {each}
+"""
 
 
 def get_activation(name: str) -> Activation:

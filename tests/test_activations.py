@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from pcdeq_kernels.activations import ACTIVATIONS, get_activation
+from pathlib import Path
+
+from pcdeq_kernels.activations import ACTIVATIONS, ADJOINT_ID, c_header, check_map_id, get_activation, map_ids
 
 from problems import ALL_ACTIVATIONS
 
@@ -39,3 +41,22 @@ def test_unknown_activation_lists_valid_names():
 def test_kernel_ids_are_unique_and_dense():
     # kernels take the id as a compile-time constant; ids index lookup tables in the compiled code
     assert sorted(a.kernel_id for a in ACTIVATIONS.values()) == list(range(len(ACTIVATIONS)))
+
+
+def test_adjoint_id_cannot_collide_with_an_activation_id():
+    assert ADJOINT_ID < 0 <= min(a.kernel_id for a in ACTIVATIONS.values())
+    assert len(set(map_ids().values())) == len(map_ids()) == len(ACTIVATIONS) + 1
+
+
+def test_unknown_map_id_is_an_error():
+    assert check_map_id(ADJOINT_ID) == ADJOINT_ID
+    for bad in (len(ACTIVATIONS), -2, 2**32, True, 0.0 + 0.5):
+        with pytest.raises(ValueError, match="unknown map id"):
+            check_map_id(bad)
+
+
+def test_generated_header_is_the_table():
+    """csrc/include/pcdeq/map_ids.h is what the table generates: after adding an activation, run
+    scripts/generate_map_ids.py."""
+    header = Path(__file__).parents[1] / "csrc" / "include" / "pcdeq" / "map_ids.h"
+    assert header.read_text() == c_header(), "csrc/include/pcdeq/map_ids.h is stale: run scripts/generate_map_ids.py"
