@@ -26,6 +26,7 @@ from sklearn.model_selection import train_test_split
 
 import pcdeq_kernels as pk
 from pcdeq_kernels.backends import resolve
+from pcdeq_kernels.problem import Problem
 from pcdeq_kernels.models import LinearPCDEQNet, SingleConvPCDEQNet, paper_model
 
 MODELS = ("linear", "conv", "paper-single-conv", "paper-multi-conv")
@@ -90,10 +91,11 @@ def main(argv=None) -> int:
     model = build_model(args.model, args.activation, args.backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs)
+    layer = model.pcdeq_layers()[0]
+    chosen = resolve(layer.spec, Problem("dense" if args.model == "linear" else "conv", "cpu", torch.float32, len(y_train)))
     print(f"digits: {len(y_train)} train / {len(y_test)} test images of {tuple(x_train.shape[1:])}; "
-          f"{args.model} pcDEQ ({args.activation}), "
-          f"backend {args.backend!r} -> "
-          f"{resolve(args.backend, 'cpu', 'dense' if args.model == 'linear' else 'conv')!r}; available {pk.available_backends()}")
+          f"{args.model} pcDEQ ({args.activation}), backend {args.backend!r} -> {chosen!r}; "
+          f"available {pk.available_backends()}")
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         loss, train_acc, fwd, bwd = run_epoch(model, x_train, y_train, optimizer)

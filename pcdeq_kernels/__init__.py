@@ -10,6 +10,7 @@ from .backends import available_backends
 from .functional import SolverStats, fixed_point
 from .modules import PCDEQConv2d, PCDEQLinear
 from .ops import NonConvergenceError
+from .spec import SolveSpec
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "NonConvergenceError",
     "PCDEQConv2d",
     "PCDEQLinear",
+    "SolveSpec",
     "SolverStats",
     "available_backends",
     "fixed_point",

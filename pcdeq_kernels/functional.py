@@ -23,12 +23,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import backends, ops, reference
-from .activations import get_activation
-
-STOP_RULES = ("sample", "batch")
-BACKWARD_MODES = ("implicit", "jfb")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from .problem import describe
+from .spec import SolveSpec, with_solve_options
 
 @dataclasses.dataclass
 class SolverStats:
@@ -70,54 +66,6 @@ class SolverStats:
         return dict(zip(keys, values))
 
 
-def _problem_kind(u: Tensor, weight: Tensor) -> str:
-    """Check shapes, dtypes and devices statically; return ``"dense"`` or ``"conv"``."""
-    for name, t in (("u", u), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; pcDEQ solves float16, bfloat16, float32 or float64")
-    if u.dtype != weight.dtype:
-        raise TypeError(f"u is {u.dtype} but weight is {weight.dtype}; cast them to one dtype")
-    if u.device != weight.device:
-        raise ValueError(f"u is on {u.device} but weight is on {weight.device}; move them to one device")
-    if weight.shape[0] == 0:
-        raise ValueError("weight has zero rows; a pcDEQ layer needs at least one feature or channel")
-    if weight.dim() == 2:
-        if u.dim() != 2 or weight.shape[0] != weight.shape[1] or u.shape[1] != weight.shape[0]:
-            raise ValueError(
-                f"dense pcDEQ needs u of shape (B, d) and weight (d, d); got u {tuple(u.shape)}, "
-                f"weight {tuple(weight.shape)}"
-            )
-        return "dense"
-    if weight.dim() == 4:
-        c = weight.shape[0]
-        if tuple(weight.shape) != (c, c, 3, 3) or u.dim() != 4 or u.shape[1] != c:
-            raise ValueError(
-                f"convolutional pcDEQ needs u of shape (B, C, H, W) and weight (C, C, 3, 3); got u "
-                f"{tuple(u.shape)}, weight {tuple(weight.shape)}"
-            )
-        return "conv"
-    raise ValueError(
-        f"weight must have shape (d, d) (dense) or (C, C, 3, 3) (conv); got {tuple(weight.shape)}"
-    )
-
-
-def _check_options(tol, max_iter, stop, backward, backward_tol, backward_max_iter, on_nonconvergence) -> None:
-    for name, value in (("tol", tol), ("backward_tol", backward_tol)):
-        if not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    for name, value in (("max_iter", max_iter), ("backward_max_iter", backward_max_iter)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if stop not in STOP_RULES:
-        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
-    if on_nonconvergence not in ops.NONCONVERGENCE_POLICIES:
-        raise ValueError(f"on_nonconvergence must be one of {ops.NONCONVERGENCE_POLICIES}, got {on_nonconvergence!r}")
-
-
 def _without_autocast(x: Tensor):
     """The solves run in the precision of their inputs (half inputs are solved in float32, exactly as
     without autocast), never autocast's: autocast stays on inside autograd Functions and custom ops and
@@ -131,13 +79,10 @@ class _FixedPoint(torch.autograd.Function):
     """Forward: one ``forward_solve`` op. Backward: one ``adjoint_solve`` op (or JFB)."""
 
     @staticmethod
-    def forward(ctx, u, weight, z0, config, stats_out):
+    def forward(ctx, u, weight, z0, spec, stats_out):
         with _without_autocast(u):
-            z, its, res, conv = ops.forward_solve(
-                u, weight, z0, config["activation"], config["tol"], config["max_iter"], config["stop"],
-                config["backend"], config["on_nonconvergence"],
-            )
-        ctx.config = config
+            z, its, res, conv = ops.forward_solve(u, weight, z0, spec.key)
+        ctx.spec = spec
         ctx.stats_out = stats_out
         ctx.save_for_backward(u, weight, z)
         ctx.mark_non_differentiable(its, res, conv)
@@ -152,20 +97,17 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_z):
         u, weight, z = ctx.saved_tensors
-        cfg = ctx.config
+        spec = ctx.spec
         if z.dim() == 4:
             # Convolutions run about twice as fast on channels-last tensors on CPU (oneDNN) and GPU
             # (cuDNN), and the compiled solvers iterate in that layout: convert once, here.
             u, z, grad_z = (t.contiguous(memory_format=torch.channels_last) for t in (u, z, grad_z))
-        D = reference.activation_derivative_at(z, u, weight, cfg["activation"])
+        D = reference.activation_derivative_at(z, u, weight, spec.activation)
         v = grad_z.to(D.dtype)
-        if cfg["backward"] == "jfb":
+        if spec.backward == "jfb":
             h = D * v
         else:
-            h, its, res, _ = ops.adjoint_solve(
-                v, weight.to(D.dtype), D, cfg["backward_tol"], cfg["backward_max_iter"], cfg["stop"],
-                cfg["backend"], cfg["on_nonconvergence"],
-            )
+            h, its, res, _ = ops.adjoint_solve(v, weight.to(D.dtype), D, spec.key)
             if not torch.compiler.is_compiling():
                 for stats in ctx.stats_out:
                     stats.backward_iterations.copy_(its)
@@ -177,56 +119,51 @@ class _FixedPoint(torch.autograd.Function):
         return grad_u, grad_w, None, None, None
 
 
+@with_solve_options
 def fixed_point(
     u: Tensor,
     weight: Tensor,
-    activation: str = "tanh",
+    activation: Optional[str] = None,
     *,
-    tol: float = 1e-4,
-    max_iter: int = 200,
-    stop: str = "sample",
-    backward: str = "implicit",
-    backward_tol: Optional[float] = None,
-    backward_max_iter: Optional[int] = None,
     z0: Optional[Tensor] = None,
-    backend: str = "auto",
-    on_nonconvergence: str = "warn",
+    spec: Optional[SolveSpec] = None,
+    **options,
 ) -> tuple[Tensor, SolverStats]:
     """Solve ``z = act(L(z) + u)`` for ``W >= 0``, ``u >= 0``; return ``(z*, SolverStats)``.
 
     Args:
         u: injection, (B, d) for a dense weight or (B, C, H, W) for a conv kernel; ``u >= 0``.
         weight: (d, d) or (C, C, 3, 3), elementwise ``>= 0``.
-        activation: "tanh", "softsign", "relu6" (pcDEQ-1, need ``u > 0``) or "sigmoid" (pcDEQ-2).
-        tol, max_iter: forward stopping rule ``||z_{k+1}-z_k|| / (||z_{k+1}|| + 1e-5) < tol``.
-        stop: "sample" (each sample stops on its own) or "batch" (whole-batch norms, as the official code).
-        backward: "implicit" (exact gradient via the adjoint fixed point) or "jfb".
-        backward_tol, backward_max_iter: the adjoint's stopping rule (default: the forward's).
+        activation: "tanh" (the default), "softsign", "relu6" (pcDEQ-1, need ``u > 0``) or "sigmoid"
+            (pcDEQ-2).
         z0: optional nonnegative starting point (the fixed point does not depend on it).
-        backend: "auto", "reference", "cpu", "cuda" or "triton".
-        on_nonconvergence: "warn" (default), "raise" (``ops.NonConvergenceError``) or "ignore"; the
-            per-sample ``converged`` flags are in the stats either way.
+        spec: a ``SolveSpec`` to use instead of ``activation`` and the options (what layers pass).
+        **options: the solve options, the fields of ``SolveSpec``: ``tol=1e-4``, ``max_iter=200``,
+            ``stop="sample"``, ``backward="implicit"``, ``backward_tol``, ``backward_max_iter``,
+            ``solver="picard"``, ``on_nonconvergence="warn"``, ``backend="auto"`` (see ``SolveSpec``).
     """
-    get_activation(activation)
-    kind = _problem_kind(u, weight)
-    backward_tol = tol if backward_tol is None else backward_tol
-    backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
-    _check_options(tol, max_iter, stop, backward, backward_tol, backward_max_iter, on_nonconvergence)
-    if z0 is not None and (not isinstance(z0, Tensor) or z0.shape != u.shape or z0.device != u.device):
-        raise ValueError(f"z0 must be a tensor shaped like u {tuple(u.shape)} on {u.device}")
-    config = dict(
-        activation=activation, tol=float(tol), max_iter=int(max_iter), stop=stop, backward=backward,
-        backward_tol=float(backward_tol), backward_max_iter=int(backward_max_iter),
-        on_nonconvergence=on_nonconvergence, backend=backends.resolve(backend, u.device.type, kind),
-    )
-    if u.shape[0] == 0:  # an empty batch (e.g. an empty DDP shard): nothing to solve, any backend agrees
-        config["backend"] = "reference"
+    if spec is None:
+        spec = SolveSpec.from_options("fixed_point", activation="tanh" if activation is None else activation, **options)
+    elif options or activation is not None:
+        raise TypeError("fixed_point() takes either spec= or the solve options (activation included), not both")
+    elif not isinstance(spec, SolveSpec):
+        raise TypeError(f"spec must be a pcdeq_kernels.SolveSpec, got {type(spec).__name__}")
+    return solve(u, weight, spec, z0)
+
+
+def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = None) -> tuple[Tensor, SolverStats]:
+    """``fixed_point`` for a spec already built: resolve the backend, run the custom ops under autograd."""
+    problem = describe(u, weight)
+    spec = spec.replace(backend=backends.resolve(spec, problem))
+    if z0 is not None:
+        if not isinstance(z0, Tensor):
+            raise ValueError(f"z0 must be a tensor shaped like u {tuple(u.shape)}, got {type(z0).__name__}")
+        z0 = z0.to(u.dtype).contiguous()
     u = u.contiguous()
     weight = weight.contiguous()
-    z0 = None if z0 is None else z0.to(u.dtype).contiguous()
     # stats_out carries the stats object to the backward pass, which fills in the backward fields.
     stats_out: list = []
-    z, its, res, conv = _FixedPoint.apply(u, weight, z0, config, stats_out)
+    z, its, res, conv = _FixedPoint.apply(u, weight, z0, spec, stats_out)
     batch = u.shape[0]
     stats = SolverStats(
         forward_iterations=its,
@@ -234,8 +171,8 @@ def fixed_point(
         converged=conv,
         backward_iterations=torch.zeros(batch, dtype=torch.int32, device=u.device),
         backward_residual=torch.full((batch,), float("nan"), dtype=res.dtype, device=u.device),
-        backend=config["backend"],
-        _bound_inputs=(z.detach(), u.detach(), activation),
+        backend=spec.backend,
+        _bound_inputs=(z.detach(), u.detach(), spec.activation),
     )
     stats_out.append(stats)
     return z, stats

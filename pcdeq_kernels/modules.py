@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .activations import get_activation
-from .backends import BACKEND_NAMES
-from .functional import SolverStats, fixed_point
+from . import functional
+from .functional import SolverStats
 from .parametrizations import make_parametrization
+from .spec import SolveSpec, with_solve_options
 
 INJECTIONS = {
     "softplus": lambda x: F.softplus(x, beta=5),  # pcDEQ-1: strictly positive
@@ -35,55 +36,63 @@ def default_injection(activation: str) -> str:
     return "relu" if get_activation(activation).family == "pcDEQ-2" else "softplus"
 
 
-class _PCDEQLayer(nn.Module):
-    """What the dense and conv layers share: injection, weight constraint, solver options, stats."""
+def _check_pair(activation: str, injection: str) -> None:
+    if injection not in INJECTIONS:
+        raise ValueError(f"unknown injection {injection!r}: choose one of {sorted(INJECTIONS)}")
+    if injection == "relu" and get_activation(activation).value_at_zero <= 0:
+        raise ValueError(
+            f"activation {activation!r} has {activation}(0) = 0, so with the relu injection (u can be 0) "
+            "the map can fix z = 0 and the pcDEQ guarantees are lost; use injection='softplus' "
+            "(pcDEQ-1) or activation='sigmoid' (pcDEQ-2)"
+        )
 
-    def __init__(
-        self,
-        weight_shape: tuple[int, ...],
-        activation: str,
-        injection: Optional[str],
-        parametrization: str,
-        tol: float,
-        max_iter: int,
-        stop: str,
-        backward: str,
-        backward_tol: Optional[float],
-        backward_max_iter: Optional[int],
-        backend: str,
-        on_nonconvergence: str,
-    ):
+
+class _PCDEQLayer(nn.Module):
+    """What the dense and conv layers share: injection, weight constraint, solve spec, stats.
+
+    ``spec`` (a ``SolveSpec``) holds the activation and every solve option, validated at construction;
+    ``activation``, ``injection`` and ``backend`` may be changed afterwards (validated again), and
+    ``layer.spec = layer.spec.replace(tol=1e-6)`` changes any other option.
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], activation: str, injection: Optional[str],
+                 parametrization: str, options: dict):
         super().__init__()
-        act = get_activation(activation)
+        spec = SolveSpec.from_options(type(self).__name__, activation=activation, **options)
         injection = default_injection(activation) if injection is None else injection
-        if injection not in INJECTIONS:
-            raise ValueError(f"unknown injection {injection!r}: choose one of {sorted(INJECTIONS)}")
-        if injection == "relu" and act.value_at_zero <= 0:
-            raise ValueError(
-                f"activation {activation!r} has {activation}(0) = 0, so with the relu injection (u can be 0) "
-                "the map can fix z = 0 and the pcDEQ guarantees are lost; use injection='softplus' "
-                "(pcDEQ-1) or activation='sigmoid' (pcDEQ-2)"
-            )
-        self.activation = activation
-        self.injection = injection
+        _check_pair(activation, injection)
+        self.spec = spec
+        self._injection = injection
         self.parametrization = parametrization
         self.weight_param = make_parametrization(parametrization, weight_shape)
-        self.solver_options = dict(
-            tol=tol, max_iter=max_iter, stop=stop, backward=backward, backward_tol=backward_tol,
-            backward_max_iter=backward_max_iter, on_nonconvergence=on_nonconvergence,
-        )
-        self.backend = backend
         self.stats: Optional[SolverStats] = None
 
     @property
+    def activation(self) -> str:
+        return self.spec.activation
+
+    @activation.setter
+    def activation(self, name: str) -> None:
+        spec = self.spec.replace(activation=name)
+        _check_pair(name, self.injection)
+        self.spec = spec
+
+    @property
+    def injection(self) -> str:
+        return self._injection
+
+    @injection.setter
+    def injection(self, name: str) -> None:
+        _check_pair(self.activation, name)
+        self._injection = name
+
+    @property
     def backend(self) -> str:
-        return self._backend
+        return self.spec.backend
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name != "auto" and name not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {name!r}: choose one of {('auto',) + BACKEND_NAMES}")
-        self._backend = name
+        self.spec = self.spec.replace(backend=name)
 
     @property
     def weight(self) -> Tensor:
@@ -101,17 +110,18 @@ class _PCDEQLayer(nn.Module):
             # layer then runs with W in the input's dtype, as autocast runs a linear or conv layer (the
             # solve itself still iterates in float32, as for any half-precision input).
             weight = weight.to(u.dtype)
-        z, self.stats = fixed_point(u, weight, self.activation, backend=self.backend, **self.solver_options)
+        z, self.stats = functional.solve(u, weight, self.spec)
         return z
 
     def extra_repr(self) -> str:
         return (
             f"activation={self.activation!r}, injection={self.injection!r}, "
             f"parametrization={self.parametrization!r}, backend={self.backend!r}, "
-            f"tol={self.solver_options['tol']:g}, max_iter={self.solver_options['max_iter']}"
+            f"tol={self.spec.tol:g}, max_iter={self.spec.max_iter}"
         )
 
 
+@with_solve_options
 class PCDEQLinear(_PCDEQLayer):
     """Dense pcDEQ layer: input ``(..., features)``, output ``z*`` of the same shape.
 
@@ -120,29 +130,13 @@ class PCDEQLinear(_PCDEQLayer):
         activation: "tanh", "softsign", "relu6" (pcDEQ-1) or "sigmoid" (pcDEQ-2).
         injection: "softplus" (beta=5) or "relu"; default: the paper's pairing for the activation.
         parametrization: "weight_norm" (paper), "softplus" or "clamp" (see parametrizations.py).
-        The remaining keywords are ``fixed_point``'s.
+        **options: the solve options of ``fixed_point`` (the fields of ``SolveSpec``).
     """
 
-    def __init__(
-        self,
-        features: int,
-        activation: str = "tanh",
-        injection: Optional[str] = None,
-        *,
-        parametrization: str = "weight_norm",
-        tol: float = 1e-4,
-        max_iter: int = 200,
-        stop: str = "sample",
-        backward: str = "implicit",
-        backward_tol: Optional[float] = None,
-        backward_max_iter: Optional[int] = None,
-        backend: str = "auto",
-        on_nonconvergence: str = "warn",
-    ):
-        super().__init__(
-            (features, features), activation, injection, parametrization, tol, max_iter, stop, backward,
-            backward_tol, backward_max_iter, backend, on_nonconvergence,
-        )
+    def __init__(self, features: int, activation: str = "tanh", injection: Optional[str] = None, *,
+                 parametrization: str = "weight_norm", **options):
+        _check_size("features", features)
+        super().__init__((features, features), activation, injection, parametrization, options)
         self.features = features
 
     def forward(self, x: Tensor) -> Tensor:
@@ -152,38 +146,28 @@ class PCDEQLinear(_PCDEQLayer):
         return self.solve(u).reshape(x.shape)
 
 
+@with_solve_options
 class PCDEQConv2d(_PCDEQLayer):
     """Convolutional pcDEQ layer (3x3 kernel, padding 1): input and output ``(B, C, H, W)``.
 
     Same arguments as ``PCDEQLinear`` with ``channels`` in place of ``features``.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        activation: str = "tanh",
-        injection: Optional[str] = None,
-        *,
-        parametrization: str = "weight_norm",
-        tol: float = 1e-4,
-        max_iter: int = 200,
-        stop: str = "sample",
-        backward: str = "implicit",
-        backward_tol: Optional[float] = None,
-        backward_max_iter: Optional[int] = None,
-        backend: str = "auto",
-        on_nonconvergence: str = "warn",
-    ):
-        super().__init__(
-            (channels, channels, 3, 3), activation, injection, parametrization, tol, max_iter, stop, backward,
-            backward_tol, backward_max_iter, backend, on_nonconvergence,
-        )
+    def __init__(self, channels: int, activation: str = "tanh", injection: Optional[str] = None, *,
+                 parametrization: str = "weight_norm", **options):
+        _check_size("channels", channels)
+        super().__init__((channels, channels, 3, 3), activation, injection, parametrization, options)
         self.channels = channels
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"PCDEQConv2d({self.channels}) expects input (B, {self.channels}, H, W), got {tuple(x.shape)}")
         return self.solve(INJECTIONS[self.injection](x))
+
+
+def _check_size(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def pcdeq_layers(model: nn.Module) -> Iterator[_PCDEQLayer]:

@@ -1,15 +1,15 @@
 """The two solver ops every backend implements, as ``torch.library`` custom ops.
 
-    pcdeq::forward_solve(u, weight, z0, activation, tol, max_iter, stop, backend, on_nonconvergence)
-        -> (z*, iterations, residual, converged)
-    pcdeq::adjoint_solve(v, weight, D, tol, max_iter, stop, backend, on_nonconvergence)
-        -> (h*, iterations, residual, converged)
+    pcdeq::forward_solve(u, weight, z0, spec) -> (z*, iterations, residual, converged)
+    pcdeq::adjoint_solve(v, weight, D, spec)  -> (h*, iterations, residual, converged)
 
-``backend`` is a concrete name already chosen by the dispatcher (``backends.resolve``). The ops check
-the values the dispatcher cannot see statically (negative or non-finite entries: one host read per
-call) and apply the non-convergence policy, so every backend behaves the same way and
-``torch.compile`` sees one opaque op per solve (the fake kernels give it the output shapes).
-Gradients are attached one level up, in ``functional.py``.
+``spec`` is a ``SolveSpec.key`` (the ops take strings, not Python objects); its ``backend`` is normally
+the concrete name ``fixed_point`` resolved, and is resolved again here (cheaply) so that a direct call
+with ``"auto"``, or with a backend that cannot solve the tensors, behaves as ``fixed_point`` does. The
+ops check what the dispatcher cannot see statically (negative or non-finite entries: one host read per
+call), return an empty batch's outputs without calling a backend, and apply the non-convergence
+policy, so every backend behaves the same way and ``torch.compile`` sees one opaque op per solve (the
+fake kernels give it the output shapes). Gradients are attached one level up, in ``functional.py``.
 
 Those host reads (and the stepwise loops' convergence checks) cannot be part of a CUDA graph: the ops
 are tagged ``cudagraph_unsafe``, so ``torch.compile(mode="reduce-overhead")`` keeps them out of its
@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-
-NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
+from .problem import check_like, describe, empty_outputs, empty_state, empty_stats, state_format
+from .spec import SolveSpec
 
 
 class NonConvergenceError(RuntimeError):
@@ -85,70 +85,57 @@ def _apply_policy(what: str, converged: Tensor, residual: Tensor, tol: float, ma
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def state_format(x: Tensor) -> torch.memory_format:
-    """The memory format of a solve's state output for input ``x`` (u or v): channels-last for a
-    channels-last image batch (the convolutional kernels' layout), else contiguous. Every backend's
-    output is brought to it, so the fake kernels (which torch.compile plans strides with) are exact."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def _empty_solve(x: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A batch of no samples (e.g. an empty DDP shard): nothing to solve, whatever the backend. The
+    state is a copy of x0 (an op's outputs never alias its inputs) or zeros."""
+    state = empty_state(x)
+    if x0 is not None:
+        state.copy_(x0)
+    return (state, *(t.zero_() for t in empty_stats(x)))
 
 
-def empty_state(x: Tensor) -> Tensor:
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=state_format(x))
-
-
-def _stat_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    batch = x.shape[0]
-    res_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (
-        x.new_empty(batch, dtype=torch.int32),
-        x.new_empty(batch, dtype=res_dtype),
-        x.new_empty(batch, dtype=torch.bool),
-    )
+def _backend_for(x: Tensor, weight: Tensor, spec: SolveSpec, x_name: str):
+    return backends.get(backends.resolve(spec, describe(x, weight, x_name)))
 
 
 @torch.library.custom_op("pcdeq::forward_solve", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def forward_solve(
-    u: Tensor,
-    weight: Tensor,
-    z0: Optional[Tensor],
-    activation: str,
-    tol: float,
-    max_iter: int,
-    stop: str,
-    backend: str,
-    on_nonconvergence: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec_ = SolveSpec.from_key(spec)
+    backend = _backend_for(u, weight, spec_, "u")
+    check_like("z0", z0, u, "u")
     _check_not_capturing(u)
     _check_values(u, weight, z0)
-    z, its, res, conv = backends.get(backend).forward_solve(u, weight, z0, activation, tol, max_iter, stop)
-    _apply_policy("forward", conv, res, tol, max_iter, on_nonconvergence)
+    if u.shape[0] == 0:
+        return _empty_solve(u, z0)
+    z, its, res, conv = backend.forward_solve(u, weight, z0, spec_)
+    _apply_policy("forward", conv, res, spec_.tol, spec_.max_iter, spec_.on_nonconvergence)
     return z.contiguous(memory_format=state_format(u)), its, res, conv
 
 
 @forward_solve.register_fake
-def _(u, weight, z0, activation, tol, max_iter, stop, backend, on_nonconvergence):
-    return (empty_state(u), *_stat_outputs(u))
+def _(u, weight, z0, spec):
+    SolveSpec.from_key(spec)
+    describe(u, weight, "u")
+    check_like("z0", z0, u, "u")
+    return empty_outputs(u)
 
 
 @torch.library.custom_op("pcdeq::adjoint_solve", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
-def adjoint_solve(
-    v: Tensor,
-    weight: Tensor,
-    D: Tensor,
-    tol: float,
-    max_iter: int,
-    stop: str,
-    backend: str,
-    on_nonconvergence: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    spec_ = SolveSpec.from_key(spec)
+    backend = _backend_for(v, weight, spec_, "v")
+    check_like("D", D, v, "v")
     _check_not_capturing(v)
-    h, its, res, conv = backends.get(backend).adjoint_solve(v, weight, D, tol, max_iter, stop)
-    _apply_policy("backward", conv, res, tol, max_iter, on_nonconvergence)
+    if v.shape[0] == 0:
+        return _empty_solve(v, None)
+    h, its, res, conv = backend.adjoint_solve(v, weight, D, spec_)
+    _apply_policy("backward", conv, res, spec_.backward_tol, spec_.backward_max_iter, spec_.on_nonconvergence)
     return h.contiguous(memory_format=state_format(v)), its, res, conv
 
 
 @adjoint_solve.register_fake
-def _(v, weight, D, tol, max_iter, stop, backend, on_nonconvergence):
-    return (empty_state(v), *_stat_outputs(v))
+def _(v, weight, D, spec):
+    SolveSpec.from_key(spec)
+    describe(v, weight, "v")
+    check_like("D", D, v, "v")
+    return empty_outputs(v)

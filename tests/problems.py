@@ -13,6 +13,7 @@ import pcdeq_kernels as pk
 from pcdeq_kernels import reference
 from pcdeq_kernels.activations import ACTIVATIONS, get_activation
 from pcdeq_kernels.reference import linear_map
+from pcdeq_kernels.spec import SolveSpec
 
 ALL_ACTIVATIONS = sorted(ACTIVATIONS)
 
@@ -148,6 +149,17 @@ def check_against_reference(got, want, step_fn, x0, tol, stop, dtype, *, state_r
     assert torch.equal(conv, conv_ref)
 
 
+def spec(activation, tol, max_iter, stop):
+    """The SolveSpec of a forward solve: what a backend's forward_solve takes."""
+    return SolveSpec(activation=activation, tol=tol, max_iter=max_iter, stop=stop)
+
+
+def adjoint_spec(tol, max_iter, stop):
+    """The SolveSpec of an adjoint solve (its stopping rule is the spec's backward_tol and
+    backward_max_iter): what a backend's adjoint_solve takes."""
+    return SolveSpec(backward_tol=tol, backward_max_iter=max_iter, stop=stop)
+
+
 # --- checks shared by the compiled backends' tests ------------------------------------------------
 # ``backend`` is a compiled backend's module (pcdeq_kernels.backends.cpu or .cuda: forward_solve and
 # adjoint_solve over the pcdeq_C ops), ``backend_name`` the name fixed_point takes. Problems come on
@@ -159,7 +171,7 @@ def check_forward_solve(backend, u, w, activation, stop, *, tol=None, max_iter=5
     """``backend``'s forward solve of (u, w) from z0 (None: zeros) against the reference's, by ``check``
     (tol defaults to TOL of u's dtype). Returns (got, want) for further checks."""
     tol = TOL[u.dtype] if tol is None else tol
-    got = backend.forward_solve(u, w, z0, activation, tol, max_iter, stop)
+    got = backend.forward_solve(u, w, z0, spec(activation, tol, max_iter, stop))
     want = reference.forward_solve(u, w, activation, tol=tol, max_iter=max_iter, stop=stop, z0=z0)
     check(got, want, forward_map(u, w, activation), torch.zeros_like(u) if z0 is None else z0, tol, stop, u.dtype)
     return got, want
@@ -169,7 +181,7 @@ def check_adjoint_solve(backend, v, w, D, stop, *, tol=None, max_iter=500, check
     """``backend``'s adjoint solve of (v, w, D) against the reference's, by ``check`` (tol defaults to
     TOL of v's dtype). Returns (got, want)."""
     tol = TOL[v.dtype] if tol is None else tol
-    got = backend.adjoint_solve(v, w, D, tol, max_iter, stop)
+    got = backend.adjoint_solve(v, w, D, adjoint_spec(tol, max_iter, stop))
     want = reference.adjoint_solve(v, w, D, tol=tol, max_iter=max_iter, stop=stop)
     check(got, want, adjoint_map(v, w, D), D * v, tol, stop, v.dtype)
     return got, want
@@ -200,7 +212,7 @@ def check_max_iter_cap(backend, u, w, activation, max_iter):
     steps and is not converged, as in the reference, with its states (1e-13) and residuals (1e-8
     relative). (u, w): a float64 problem."""
     for stop in ("sample", "batch"):
-        z, its, res, conv = backend.forward_solve(u, w, None, activation, 1e-30, max_iter, stop)
+        z, its, res, conv = backend.forward_solve(u, w, None, spec(activation, 1e-30, max_iter, stop))
         z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, activation, tol=1e-30, max_iter=max_iter, stop=stop)
         assert (its == max_iter).all() and not conv.any()
         assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
@@ -213,7 +225,7 @@ def check_nan_residual_never_counts_as_converged(backend, u, w, activation):
     rule): under both stop rules (tol 1e-6, 50 steps) that sample's residual is NaN and it runs all 50
     steps unconverged; counts, flags and states (NaN where NaN) are the reference's."""
     for stop in ("sample", "batch"):
-        z, its, res, conv = backend.forward_solve(u, w, None, activation, 1e-6, 50, stop)
+        z, its, res, conv = backend.forward_solve(u, w, None, spec(activation, 1e-6, 50, stop))
         z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, activation, tol=1e-6, max_iter=50, stop=stop)
         assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
         assert res[2].isnan() and not conv[2] and its[2] == 50
@@ -224,7 +236,7 @@ def check_z0_is_the_starting_point(backend, u, w, activation, z0, stop, check=ch
     """The solve of the float64 problem (u, w) from z0 is the reference's from z0 (tol 1e-9), by
     ``check``; and one step from z0 is one map application (1e-14): z0 really is where it starts."""
     check_forward_solve(backend, u, w, activation, stop, tol=1e-9, z0=z0, check=check)
-    one = backend.forward_solve(u, w, z0, activation, 1e-9, 1, stop)[0]
+    one = backend.forward_solve(u, w, z0, spec(activation, 1e-9, 1, stop))[0]
     torch.testing.assert_close(one, forward_map(u, w, activation)(z0), rtol=1e-14, atol=1e-14)
 
 
@@ -237,15 +249,15 @@ def check_inputs_not_modified_and_strides_do_not_matter(backend, u, w, adjoint):
     u_strided = wide[:, ::2]  # not contiguous
     w_t = w.t().contiguous().t()  # same values, transposed strides
     before = (u.clone(), w.clone())
-    want = backend.forward_solve(u, w, None, "tanh", 1e-9, 500, "sample")
-    got = backend.forward_solve(u_strided, w_t, None, "tanh", 1e-9, 500, "sample")
+    want = backend.forward_solve(u, w, None, spec("tanh", 1e-9, 500, "sample"))
+    got = backend.forward_solve(u_strided, w_t, None, spec("tanh", 1e-9, 500, "sample"))
     assert torch.equal(u, before[0]) and torch.equal(w, before[1]) and torch.equal(wide[:, ::2], before[0])
     assert torch.equal(w_t, before[1])  # (a separate tensor: a write through it would miss w)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
     v, w_adj, D = adjoint
     saved = (v.clone(), w_adj.clone(), D.clone())
-    backend.adjoint_solve(v, w_adj, D, 1e-9, 500, "batch")
+    backend.adjoint_solve(v, w_adj, D, adjoint_spec(1e-9, 500, "batch"))
     assert all(torch.equal(a, b) for a, b in zip((v, w_adj, D), saved))
 
 
@@ -261,12 +273,13 @@ def check_empty_batch(u, w):
     assert z.shape == u.shape and z.untyped_storage()._cdata != z0.untyped_storage()._cdata
 
 
-def check_bad_inputs_raise_clear_errors(backend, u, w):
+def check_bad_inputs_raise_clear_errors(u, w):
     """Malformed calls to the pcdeq_C ops raise errors that say what is wrong. (u, w): a well-formed
     float64 tanh problem on the device under test, dense (W of shape (d, d)) or convolutional (W of
     shape (C, C, 3, 3)), of at least two samples. Checked: the shapes of u and v against W's (per
-    kind), W's dtype against u's, an unsupported dtype, the activation id, z0's shape, max_iter < 0,
-    D against v, and ``backend``'s check of the stop rule's name."""
+    kind), W's dtype against u's, an unsupported dtype, the activation id (64-bit, never truncated),
+    z0's shape, max_iter < 1, tol not positive and finite, and D against v. (The stop rule's name is
+    SolveSpec's to check, before any backend.)"""
     op = torch.ops.pcdeq_C.forward_solve
     f64 = dict(dtype=torch.float64, device=u.device)
     if w.dim() == 2:
@@ -296,12 +309,15 @@ def check_bad_inputs_raise_clear_errors(backend, u, w):
         op(u, w, None, 7, 1e-4, 10, False)
     with pytest.raises(RuntimeError, match="z0 must match u"):
         op(u, w, u[:-1], 0, 1e-4, 10, False)  # one sample short
-    with pytest.raises(RuntimeError, match="max_iter must be >= 0"):
-        op(u, w, None, 0, 1e-4, -1, False)
+    with pytest.raises(RuntimeError, match="unknown activation id 4294967296"):
+        op(u, w, None, 2**32, 1e-4, 10, False)  # not truncated to id 0
+    with pytest.raises(RuntimeError, match="max_iter must be >= 1, got 0"):
+        op(u, w, None, 0, 1e-4, 0, False)
+    for bad_tol in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="tol must be a positive finite number"):
+            op(u, w, None, 0, bad_tol, 10, False)
     with pytest.raises(RuntimeError, match="D must match v"):
         torch.ops.pcdeq_C.adjoint_solve(u, w, u.float(), 1e-4, 10, False)
-    with pytest.raises(ValueError, match="stop must be one of"):
-        backend.forward_solve(u, w, None, "tanh", 1e-4, 10, "never")
 
 
 def opcheck_both_ops(inputs, w, starts, adjoint):

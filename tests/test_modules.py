@@ -11,6 +11,7 @@ from pcdeq_kernels.backends import resolve
 from pcdeq_kernels.models import DATASETS, PAPER_WIDTHS, paper_model
 from pcdeq_kernels.modules import default_injection, project_
 from pcdeq_kernels.parametrizations import PARAMETRIZATIONS, make_parametrization
+from pcdeq_kernels.problem import Problem
 
 from problems import ALL_ACTIVATIONS, make_problem
 
@@ -83,7 +84,7 @@ def test_training_step_then_project_keeps_layer_valid():
 def test_backend_attribute_can_change_after_construction():
     layer = pk.PCDEQLinear(5)
     layer(torch.randn(2, 5))
-    assert layer.stats.backend == resolve("auto", "cpu", "dense")
+    assert layer.stats.backend == resolve(pk.SolveSpec(), Problem("dense", "cpu", torch.float32, 1))
     layer.backend = "reference"
     layer(torch.randn(2, 5))
     assert layer.stats.backend == "reference"

@@ -5,24 +5,34 @@ import torch
 
 import pcdeq_kernels as pk
 from pcdeq_kernels import ops, reference
+from pcdeq_kernels.problem import Problem
 
 from problems import make_problem
 
-# every backend that can run CPU tensors here (Triton only under the interpreter), with what it solves
-CPU_BACKENDS = [name for name, ok in pk.available_backends().items() if ok and pk.backends.get(name).supports("cpu", "dense")]
+
+def _solves_here(backend, kind, dtype=torch.float32):
+    """Whether ``backend`` is available and can solve ``kind`` problems of CPU tensors in ``dtype``
+    (Triton only under the interpreter, and not in float64)."""
+    b = pk.backends.get(backend)
+    return b.is_available() and not b.unsupported_reason(pk.SolveSpec(), Problem(kind, "cpu", dtype, 1))
+
+
+def _key(backend, stop="sample"):
+    return pk.SolveSpec(tol=1e-6, max_iter=100, stop=stop, backend=backend).key
+
+
 OPCHECK_CASES = [
     (backend, conv_hw, dtype)
-    for backend in CPU_BACKENDS
+    for backend in pk.backends.BACKEND_NAMES
     for conv_hw in (None, (4, 5))
     for dtype in (torch.float32, torch.float64)
-    if pk.backends.get(backend).supports("cpu", "dense" if conv_hw is None else "conv")
-    and not (backend == "triton" and dtype == torch.float64)  # Triton computes in float32 only
+    if _solves_here(backend, "dense" if conv_hw is None else "conv", dtype)
 ]
 COMPILE_CASES = [
     (backend, layer_cls, shape)
-    for backend in CPU_BACKENDS
+    for backend in pk.backends.BACKEND_NAMES
     for layer_cls, shape, kind in ((pk.PCDEQLinear, (6, 12), "dense"), (pk.PCDEQConv2d, (2, 3, 5, 5), "conv"))
-    if pk.backends.get(backend).supports("cpu", kind)
+    if _solves_here(backend, kind)
 ]
 
 
@@ -31,10 +41,10 @@ def test_opcheck_forward_and_adjoint(backend, conv_hw, dtype):
     u, w = make_problem(3, 5, "tanh", dtype=dtype, conv_hw=conv_hw)
     z0 = torch.rand_like(u)
     for z_init in (None, z0):
-        torch.library.opcheck(ops.forward_solve, (u, w, z_init, "tanh", 1e-6, 100, "sample", backend, "warn"))
+        torch.library.opcheck(ops.forward_solve, (u, w, z_init, _key(backend)))
     z, *_ = reference.forward_solve(u, w, "tanh", tol=1e-8)
     D = reference.activation_derivative_at(z, u, w, "tanh")
-    torch.library.opcheck(ops.adjoint_solve, (torch.randn_like(u), w, D, 1e-6, 100, "batch", backend, "warn"))
+    torch.library.opcheck(ops.adjoint_solve, (torch.randn_like(u), w, D, _key(backend, "batch")))
 
 
 def _strided_inputs(u):
@@ -52,10 +62,10 @@ def test_output_layout_is_what_the_fake_kernels_say(backend, conv_hw, dtype):
     u, w = make_problem(3, 5, "tanh", dtype=dtype, conv_hw=conv_hw)
     D = torch.rand_like(u)
     for x in _strided_inputs(u):
-        torch.library.opcheck(ops.forward_solve, (x, w, None, "tanh", 1e-6, 100, "sample", backend, "warn"))
-        torch.library.opcheck(ops.adjoint_solve, (x, w, D, 1e-6, 100, "sample", backend, "warn"))
-        z = ops.forward_solve(x, w, None, "tanh", 1e-6, 100, "sample", backend, "warn")[0]
-        h = ops.adjoint_solve(x, w, D, 1e-6, 100, "sample", backend, "warn")[0]
+        torch.library.opcheck(ops.forward_solve, (x, w, None, _key(backend)))
+        torch.library.opcheck(ops.adjoint_solve, (x, w, D, _key(backend)))
+        z = ops.forward_solve(x, w, None, _key(backend))[0]
+        h = ops.adjoint_solve(x, w, D, _key(backend))[0]
         layout = torch.channels_last if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format
         assert z.is_contiguous(memory_format=layout) and h.is_contiguous(memory_format=layout)
@@ -91,7 +101,8 @@ def test_capturing_a_solve_in_a_cuda_graph_is_a_clear_error(backend):
 
 def test_ops_outputs_match_the_reference():
     u, w = make_problem(5, 7, "relu6")
-    z, its, res, conv = torch.ops.pcdeq.forward_solve(u, w, None, "relu6", 1e-9, 300, "sample", "reference", "warn")
+    key = pk.SolveSpec(activation="relu6", tol=1e-9, max_iter=300, backend="reference").key
+    z, its, res, conv = torch.ops.pcdeq.forward_solve(u, w, None, key)
     z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "relu6", tol=1e-9, max_iter=300)
     assert torch.equal(z, z_ref) and torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
 

@@ -1,13 +1,21 @@
 """The dispatcher: the only place that decides which backend solves a problem.
 
-A backend is a module with ``NAME``, ``is_available()``, ``unavailable_reason()``,
-``supports(device_type, kind)`` and the two solves ``forward_solve(u, weight, z0, activation, tol,
-max_iter, stop)`` and ``adjoint_solve(v, weight, D, tol, max_iter, stop)``, each returning
-``(state, iterations int32 (B,), residual (B,), converged bool (B,))`` with the semantics of
-``pcdeq_kernels.reference``. ``kind`` is ``"dense"`` (weight (d, d)) or ``"conv"`` (weight (C, C, 3, 3)).
+A backend is a module with
 
-``"auto"`` takes the first backend in ``AUTO_ORDER`` that is available and supports the device and
-kind; the reference serves everything, so ``"auto"`` never fails.
+    NAME                                    its name in ``spec.BACKENDS``
+    is_available() -> bool                  its compiled code or package is there (and a device for it)
+    unavailable_reason() -> str             why not, and how to get it ("" when available)
+    unsupported_reason(spec, problem) -> str
+                                            why it cannot solve this spec on these tensors ("" when it can)
+    forward_solve(u, weight, z0, spec)      -> (z*, iterations int32 (B,), residual (B,), converged bool (B,))
+    adjoint_solve(v, weight, D, spec)       -> (h*, ...): the adjoint's stopping rule is spec.backward_*
+
+with the semantics of ``pcdeq_kernels.reference``; ``spec`` is a ``SolveSpec`` and ``problem`` a
+``problem.Problem`` (kind, device type, dtype, batch). Empty batches never reach a backend (the ops
+answer them).
+
+``"auto"`` takes the first backend in ``AUTO_ORDER`` that is available and can solve the spec on the
+problem's tensors; the reference solves everything, so ``"auto"`` never fails.
 """
 
 from __future__ import annotations
@@ -15,56 +23,45 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..problem import Problem
+from ..spec import BACKENDS, SolveSpec
 from . import reference
 
-BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
+BACKEND_NAMES = BACKENDS[1:]  # the concrete ones ("auto" is a choice among them)
 _BACKENDS: dict[str, ModuleType] = {"reference": reference}
 # Optional backends live in modules of the same name (backends/cpu.py, cuda.py, triton.py); each
 # reports through is_available()/unavailable_reason() whether its compiled code or package is there.
 for _name in BACKEND_NAMES[1:]:
-    try:
-        _BACKENDS[_name] = importlib.import_module(f".{_name}", __name__)
-    except ModuleNotFoundError as _err:
-        if _err.name != f"{__name__}.{_name}":
-            raise
-# Fastest first, per device type. Later backends register themselves here.
+    _BACKENDS[_name] = importlib.import_module(f".{_name}", __name__)
+# Fastest first, per device type.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-
-_HOW_TO_GET = {
-    "cpu": "the compiled C++ CPU backend is not part of this build yet",
-    "cuda": "the compiled CUDA backend is not part of this build yet",
-    "triton": "the Triton backend is not part of this build yet",
-}
 
 
 def available_backends() -> dict[str, bool]:
     """Which backends this installation can run: ``{"reference": True, "cpu": ..., "cuda": ..., "triton": ...}``."""
-    return {name: name in _BACKENDS and _BACKENDS[name].is_available() for name in BACKEND_NAMES}
+    return {name: _BACKENDS[name].is_available() for name in BACKEND_NAMES}
 
 
-def _why_unavailable(name: str) -> str:
-    if name in _BACKENDS:
-        return _BACKENDS[name].unavailable_reason()
-    return _HOW_TO_GET[name]
-
-
-def resolve(name: str, device_type: str, kind: str) -> str:
-    """Turn a requested backend name (or ``"auto"``) into the concrete backend that will run."""
+def resolve(spec: SolveSpec, problem: Problem) -> str:
+    """The concrete backend that will solve ``spec`` on ``problem``'s tensors: ``spec.backend``
+    itself (an error, with the reason and the fix, if it is unavailable or cannot), or for ``"auto"``
+    the first backend of ``AUTO_ORDER`` that can."""
+    name = spec.backend
     if name == "auto":
-        for candidate in AUTO_ORDER.get(device_type, ("reference",)):
-            backend = _BACKENDS.get(candidate)
-            if backend is not None and backend.is_available() and backend.supports(device_type, kind):
+        for candidate in AUTO_ORDER.get(problem.device_type, ("reference",)):
+            backend = _BACKENDS[candidate]
+            if backend.is_available() and not backend.unsupported_reason(spec, problem):
                 return candidate
         return "reference"
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r}: choose one of {('auto',) + BACKEND_NAMES}")
-    backend = _BACKENDS.get(name)
-    if backend is None or not backend.is_available():
-        raise RuntimeError(f"backend {name!r} is not available: {_why_unavailable(name)}")
-    if not backend.supports(device_type, kind):
+    backend = _BACKENDS[name]  # spec.backend is one of BACKENDS: SolveSpec checked it
+    if not backend.is_available():
+        raise RuntimeError(f"backend {name!r} is not available: {backend.unavailable_reason()}")
+    reason = backend.unsupported_reason(spec, problem)
+    if reason:
+        able = [n for n, b in _BACKENDS.items() if b.is_available() and not b.unsupported_reason(spec, problem)]
         raise ValueError(
-            f"backend {name!r} does not support {kind} problems on {device_type} tensors; "
-            f"use backend='auto' or one of {[n for n, b in _BACKENDS.items() if b.supports(device_type, kind)]}"
+            f"backend {name!r} cannot solve this problem ({problem.kind}, {problem.dtype} on {problem.device_type}): "
+            f"{reason}; use backend='auto' or one of {able}"
         )
     return name
 

@@ -3,7 +3,9 @@
 Loading it registers ``pcdeq_C::forward_solve(u, weight, z0, activation_id, tol, max_iter,
 batch_stop)`` and ``pcdeq_C::adjoint_solve(v, weight, D, tol, max_iter, batch_stop)``: one schema, a
 CPU kernel (csrc/cpu/) and, in a CUDA build, a CUDA kernel (csrc/cuda/); the tensors' device picks
-which runs. Their fake kernels are registered here, once.
+which runs. Activation ids are the map table's (``activations.py``, ``csrc/include/pcdeq/map_ids.h``).
+Their fake kernels are registered here, once; ``forward_solve``/``adjoint_solve`` below are the
+backend interface both compiled backends share (a ``SolveSpec`` in, the op's arguments out).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..activations import get_activation
+from ..problem import empty_outputs
 
-STOP_RULES = ("sample", "batch")
 OPS = ("forward_solve", "adjoint_solve")
 
 try:
@@ -33,42 +35,22 @@ def has_kernels(dispatch_key: str) -> bool:
         return False
 
 
-def _batch_stop(stop: str) -> bool:
-    if stop not in STOP_RULES:
-        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
-    return stop == "batch"
+def forward_solve(u, weight, z0, spec):
+    kernel_id = get_activation(spec.activation).kernel_id
+    return torch.ops.pcdeq_C.forward_solve(u, weight, z0, kernel_id, spec.tol, spec.max_iter, spec.batch_stop)
 
 
-def forward_solve(u, weight, z0, activation, tol, max_iter, stop):
-    kernel_id = get_activation(activation).kernel_id
-    return torch.ops.pcdeq_C.forward_solve(u, weight, z0, kernel_id, float(tol), int(max_iter), _batch_stop(stop))
-
-
-def adjoint_solve(v, weight, D, tol, max_iter, stop):
-    return torch.ops.pcdeq_C.adjoint_solve(v, weight, D, float(tol), int(max_iter), _batch_stop(stop))
-
-
-def _fake_stats(x: torch.Tensor):
-    batch = x.shape[0]
-    residual_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (
-        x.new_empty(batch, dtype=torch.int32),
-        x.new_empty(batch, dtype=residual_dtype),
-        x.new_empty(batch, dtype=torch.bool),
-    )
+def adjoint_solve(v, weight, D, spec):
+    return torch.ops.pcdeq_C.adjoint_solve(v, weight, D, spec.backward_tol, spec.backward_max_iter, spec.batch_stop)
 
 
 if IMPORT_ERROR is None and hasattr(torch.ops.pcdeq_C, "forward_solve"):
 
-    # The compiled kernels return the state in ops.state_format of their input (as the op layer does).
+    # The compiled kernels return the state in problem.state_format of their input (as the op layer does).
     @torch.library.register_fake("pcdeq_C::forward_solve")
     def _(u, weight, z0, activation, tol, max_iter, batch_stop):
-        from ..ops import empty_state
-
-        return (empty_state(u), *_fake_stats(u))
+        return empty_outputs(u)
 
     @torch.library.register_fake("pcdeq_C::adjoint_solve")
     def _(v, weight, D, tol, max_iter, batch_stop):
-        from ..ops import empty_state
-
-        return (empty_state(v), *_fake_stats(v))
+        return empty_outputs(v)

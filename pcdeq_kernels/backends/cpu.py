@@ -9,7 +9,7 @@ semantics of ``pcdeq_kernels.reference``.
 
 The ops are ``torch.ops.pcdeq_C.forward_solve(u, weight, z0, activation_id, tol, max_iter,
 batch_stop)`` and ``torch.ops.pcdeq_C.adjoint_solve(v, weight, D, tol, max_iter, batch_stop)``;
-their fake kernels are registered in ``compiled.py``.
+their fake kernels are registered in ``compiled.py``. Solves every spec and dtype of CPU tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from . import compiled
 from .compiled import adjoint_solve, forward_solve  # noqa: F401  (the backend interface)
 
 NAME = "cpu"
-KINDS = ("dense", "conv")
 _AVAILABLE = compiled.has_kernels("CPU")
 
 
@@ -38,5 +37,7 @@ def unavailable_reason() -> str:
     return f"{how} (pcdeq_kernels._C imported but did not register the pcdeq_C ops)"
 
 
-def supports(device_type: str, kind: str) -> bool:
-    return device_type == "cpu" and kind in KINDS
+def unsupported_reason(spec, problem) -> str:
+    if problem.device_type != "cpu":
+        return f"the cpu backend solves CPU tensors, not {problem.device_type} ones"
+    return ""

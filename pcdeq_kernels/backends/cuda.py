@@ -32,7 +32,6 @@ from . import compiled
 from .compiled import adjoint_solve, forward_solve  # noqa: F401  (the backend interface)
 
 NAME = "cuda"
-KINDS = ("dense", "conv")
 MIN_CAPABILITY = (8, 0)
 
 _HOW_TO_BUILD = (
@@ -77,5 +76,7 @@ def unavailable_reason() -> str:
     return _gpu_reason()
 
 
-def supports(device_type: str, kind: str) -> bool:
-    return device_type == "cuda" and kind in KINDS
+def unsupported_reason(spec, problem) -> str:
+    if problem.device_type != "cuda":
+        return f"the cuda backend solves CUDA tensors, not {problem.device_type} ones"
+    return ""

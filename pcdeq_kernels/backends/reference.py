@@ -9,7 +9,6 @@ from __future__ import annotations
 from .. import reference
 
 NAME = "reference"
-KINDS = ("dense", "conv")
 
 
 def is_available() -> bool:
@@ -20,13 +19,13 @@ def unavailable_reason() -> str:
     return ""
 
 
-def supports(device_type: str, kind: str) -> bool:
-    return kind in KINDS
+def unsupported_reason(spec, problem) -> str:
+    return ""  # every spec, kind, device and dtype
 
 
-def forward_solve(u, weight, z0, activation, tol, max_iter, stop):
-    return reference.forward_solve(u, weight, activation, tol=tol, max_iter=max_iter, stop=stop, z0=z0)
+def forward_solve(u, weight, z0, spec):
+    return reference.forward_solve(u, weight, spec.activation, tol=spec.tol, max_iter=spec.max_iter, stop=spec.stop, z0=z0)
 
 
-def adjoint_solve(v, weight, D, tol, max_iter, stop):
-    return reference.adjoint_solve(v, weight, D, tol=tol, max_iter=max_iter, stop=stop)
+def adjoint_solve(v, weight, D, spec):
+    return reference.adjoint_solve(v, weight, D, tol=spec.backward_tol, max_iter=spec.backward_max_iter, stop=spec.stop)

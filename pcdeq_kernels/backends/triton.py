@@ -1,11 +1,11 @@
 """The Triton backend: fused solves behind the backend interface, dense (``pcdeq_kernels.triton.dense``)
 and convolutional (``pcdeq_kernels.triton.conv``: implicit-GEMM 3x3 convolution, channels-last).
 
-On CUDA tensors, or, when
-``TRITON_INTERPRET=1``, on CPU tensors only (Triton's interpreter: slow, for testing the kernels on
-machines without a GPU).
-Computes in float32: float16, bfloat16 and float32 inputs are solved exactly as ``reference.py`` solves
-them; float64 inputs are rejected with a TypeError (use the reference or cpu backend for float64).
+On CUDA tensors, or, when ``TRITON_INTERPRET=1``, on CPU tensors only (Triton's interpreter: slow, for
+testing the kernels on machines without a GPU). Computes in float32: float16, bfloat16 and float32
+inputs are solved exactly as ``reference.py`` solves them; float64 problems are not its to solve
+(``unsupported_reason``: "auto" passes them on, an explicit request says to use the cpu or reference
+backend).
 
 Triton itself is imported on the first solve, not when ``pcdeq_kernels`` is imported.
 """
@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from ..triton import limits
+
 NAME = "triton"
-KINDS = ("dense", "conv")
 
 
 # Looked up once: torch.compile traces the dispatcher's availability checks, and Dynamo (torch 2.11)
@@ -54,14 +55,22 @@ def unavailable_reason() -> str:
     return ""
 
 
-def supports(device_type: str, kind: str) -> bool:
-    """Dense and conv problems; CUDA tensors with compiled kernels, CPU tensors under the interpreter (never
-    both: "auto" must not send CUDA tensors through the slow interpreter)."""
-    if kind not in KINDS:
-        return False
+def unsupported_reason(spec, problem) -> str:
+    """CUDA tensors with compiled kernels, or CPU tensors under the interpreter (never both: "auto"
+    must not send CUDA tensors through the slow interpreter); float16, bfloat16 and float32;
+    at most ``limits.MAX_ITER`` steps (a 32-bit counter)."""
     if _interpreting():
-        return device_type == "cpu"
-    return device_type == "cuda" and _cuda()
+        if problem.device_type != "cpu":
+            return "under TRITON_INTERPRET=1 the Triton backend runs CPU tensors only (the interpreter)"
+    elif problem.device_type != "cuda":
+        return f"the Triton backend solves CUDA tensors, not {problem.device_type} ones"
+    if problem.dtype not in limits.KERNEL_DTYPES:
+        return (f"the Triton kernels compute in float32 and take float16, bfloat16 or float32, not {problem.dtype}; "
+                "use backend='cpu' or 'reference' for float64, or cast to float32")
+    longest = max(spec.max_iter, spec.backward_max_iter)
+    if longest > limits.MAX_ITER:
+        return f"the Triton kernels count steps in 32 bits: max_iter and backward_max_iter <= 2**30, got {longest}"
+    return ""
 
 
 def _kernels(weight):
@@ -75,9 +84,9 @@ def _kernels(weight):
     return dense
 
 
-def forward_solve(u, weight, z0, activation, tol, max_iter, stop):
-    return _kernels(weight).forward_solve(u, weight, z0, activation, tol, max_iter, stop)
+def forward_solve(u, weight, z0, spec):
+    return _kernels(weight).forward_solve(u, weight, z0, spec)
 
 
-def adjoint_solve(v, weight, D, tol, max_iter, stop):
-    return _kernels(weight).adjoint_solve(v, weight, D, tol, max_iter, stop)
+def adjoint_solve(v, weight, D, spec):
+    return _kernels(weight).adjoint_solve(v, weight, D, spec)

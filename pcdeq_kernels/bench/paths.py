@@ -33,7 +33,9 @@ from .. import backends
 from ..activations import get_activation
 from ..functional import fixed_point
 from ..official import official_fixed_point
+from ..problem import Problem
 from ..reference import linear_map
+from ..spec import SolveSpec
 
 PEERS = ("official", "torchdeq-fpi", "torchdeq-anderson")
 # name -> (backend, the environment variable that forces its solve loop, the loop)
@@ -91,11 +93,14 @@ def available_paths(device_type: str, kind: str = "dense", dtype: torch.dtype = 
     if not reason and dtype in (torch.float16, torch.bfloat16):
         out["torchdeq-anderson"] = ("torchdeq's Anderson solver calls torch.linalg.solve, which has no "
                                     f"{str(dtype).replace('torch.', '')} kernels")
+    problem = Problem(kind, device_type, dtype, 1)
     for name, ok in backends.available_backends().items():
+        backend = backends.get(name)
+        unsupported = backend.unsupported_reason(SolveSpec(), problem) if ok else ""
         if not ok:
-            out[name] = backends._why_unavailable(name)
-        elif not backends.get(name).supports(device_type, kind):
-            out[name] = f"does not run {kind} problems on {device_type} tensors"
+            out[name] = backend.unavailable_reason()
+        elif unsupported:
+            out[name] = unsupported
         elif name == "triton" and device_type == "cpu":
             out[name] = "the Triton interpreter is never timed"
         else:
