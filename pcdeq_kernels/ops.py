@@ -94,48 +94,50 @@ def _empty_solve(x: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, Tenso
     return (state, *(t.zero_() for t in empty_stats(x)))
 
 
-def _backend_for(x: Tensor, weight: Tensor, spec: SolveSpec, x_name: str):
-    return backends.get(backends.resolve(spec, describe(x, weight, x_name)))
+def _solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], key: str):
+    """Both ops' bodies: ``x`` is u (forward) or v (adjoint), ``other`` z0 (forward, optional) or D."""
+    spec = SolveSpec.from_key(key)
+    x_name, other_name = ("v", "D") if adjoint else ("u", "z0")
+    backend = backends.get(backends.resolve(spec, describe(x, weight, x_name)))
+    check_like(other_name, other, x, x_name)
+    _check_not_capturing(x)
+    if not adjoint:
+        _check_values(x, weight, other)
+    if x.shape[0] == 0:
+        return _empty_solve(x, None if adjoint else other)
+    if adjoint:
+        state, its, res, conv = backend.adjoint_solve(x, weight, other, spec)
+        _apply_policy("backward", conv, res, spec.backward_tol, spec.backward_max_iter, spec.on_nonconvergence)
+    else:
+        state, its, res, conv = backend.forward_solve(x, weight, other, spec)
+        _apply_policy("forward", conv, res, spec.tol, spec.max_iter, spec.on_nonconvergence)
+    return state.contiguous(memory_format=state_format(x)), its, res, conv
+
+
+def _fake(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], key: str):
+    """Both ops' fake kernels: the static checks, then outputs of the right shapes and layouts."""
+    SolveSpec.from_key(key)
+    x_name, other_name = ("v", "D") if adjoint else ("u", "z0")
+    describe(x, weight, x_name)
+    check_like(other_name, other, x, x_name)
+    return empty_outputs(x)
 
 
 @torch.library.custom_op("pcdeq::forward_solve", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec_ = SolveSpec.from_key(spec)
-    backend = _backend_for(u, weight, spec_, "u")
-    check_like("z0", z0, u, "u")
-    _check_not_capturing(u)
-    _check_values(u, weight, z0)
-    if u.shape[0] == 0:
-        return _empty_solve(u, z0)
-    z, its, res, conv = backend.forward_solve(u, weight, z0, spec_)
-    _apply_policy("forward", conv, res, spec_.tol, spec_.max_iter, spec_.on_nonconvergence)
-    return z.contiguous(memory_format=state_format(u)), its, res, conv
+    return _solve(False, u, weight, z0, spec)
 
 
 @forward_solve.register_fake
 def _(u, weight, z0, spec):
-    SolveSpec.from_key(spec)
-    describe(u, weight, "u")
-    check_like("z0", z0, u, "u")
-    return empty_outputs(u)
+    return _fake(False, u, weight, z0, spec)
 
 
 @torch.library.custom_op("pcdeq::adjoint_solve", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, spec: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    spec_ = SolveSpec.from_key(spec)
-    backend = _backend_for(v, weight, spec_, "v")
-    check_like("D", D, v, "v")
-    _check_not_capturing(v)
-    if v.shape[0] == 0:
-        return _empty_solve(v, None)
-    h, its, res, conv = backend.adjoint_solve(v, weight, D, spec_)
-    _apply_policy("backward", conv, res, spec_.backward_tol, spec_.backward_max_iter, spec_.on_nonconvergence)
-    return h.contiguous(memory_format=state_format(v)), its, res, conv
+    return _solve(True, v, weight, D, spec)
 
 
 @adjoint_solve.register_fake
 def _(v, weight, D, spec):
-    SolveSpec.from_key(spec)
-    describe(v, weight, "v")
-    check_like("D", D, v, "v")
-    return empty_outputs(v)
+    return _fake(True, v, weight, D, spec)
