@@ -20,10 +20,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backends, ops, reference
-from .problem import describe
+from .problem import describe, state_format
 from .spec import SolveSpec, with_solve_options
 
 @dataclasses.dataclass
@@ -55,14 +54,16 @@ class SolverStats:
         return self._bound
 
     def summary(self) -> dict[str, float]:
-        """Batch means and maxima as Python numbers (one host read), for logging."""
+        """Batch means and maxima as Python numbers (one host read), for logging; NaN for an empty batch."""
+        keys = ("forward_iterations_mean", "forward_iterations_max", "converged_fraction",
+                "contraction_bound_max", "backward_iterations_mean", "backward_iterations_max")
+        if self.forward_iterations.numel() == 0:
+            return dict.fromkeys(keys, float("nan"))
         values = torch.stack([
             self.forward_iterations.double().mean(), self.forward_iterations.double().max(),
             self.converged.double().mean(), self.contraction_bound.double().max(),
             self.backward_iterations.double().mean(), self.backward_iterations.double().max(),
         ]).tolist()
-        keys = ("forward_iterations_mean", "forward_iterations_max", "converged_fraction",
-                "contraction_bound_max", "backward_iterations_mean", "backward_iterations_max")
         return dict(zip(keys, values))
 
 
@@ -76,21 +77,38 @@ def _without_autocast(x: Tensor):
 
 
 class _FixedPoint(torch.autograd.Function):
-    """Forward: one ``forward_solve`` op. Backward: one ``adjoint_solve`` op (or JFB)."""
+    """Forward: one ``forward_solve`` op. Backward: one ``adjoint_solve`` op (or JFB).
+
+    The gradient is first-order only: a backward that would itself be differentiated
+    (``create_graph=True``, gradient penalties, Hessian-vector products) is refused with a clear error
+    rather than returning a gradient detached from W and u; so are ``torch.func`` transforms (``solve``).
+    """
 
     @staticmethod
-    def forward(ctx, u, weight, z0, spec, stats_out):
+    def forward(u, weight, z0, spec, stats_out):
         with _without_autocast(u):
-            z, its, res, conv = ops.forward_solve(u, weight, z0, spec.key)
+            return ops.forward_solve(u, weight, z0, spec.key)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, weight, _, spec, stats_out = inputs
+        z, its, res, conv = output
         ctx.spec = spec
         ctx.stats_out = stats_out
         ctx.save_for_backward(u, weight, z)
         ctx.mark_non_differentiable(its, res, conv)
-        return z, its, res, conv
 
     @staticmethod
-    @once_differentiable  # double backward would need the adjoint's own derivative: a clear error instead
     def backward(ctx, grad_z, *_):
+        # Grad mode is on in a backward only when a graph of it is wanted (create_graph=True): refuse when
+        # the gradient would have to depend on something that requires grad.
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_z, *ctx.saved_tensors)):
+            raise RuntimeError(
+                "pcDEQ layers give first-order gradients only: this backward was asked to build a graph "
+                "(torch.autograd.grad(..., create_graph=True), a double backward, a gradient penalty or a "
+                "Hessian-vector product through z*), and the implicit gradient is a fixed-point solve that is "
+                "not differentiated itself. Compute such terms without create_graph through the pcDEQ layer"
+            )
         with _without_autocast(grad_z):
             return _FixedPoint._backward(ctx, grad_z)
 
@@ -154,12 +172,18 @@ def fixed_point(
 def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = None) -> tuple[Tensor, SolverStats]:
     """``fixed_point`` for a spec already built: resolve the backend, run the custom ops under autograd."""
     problem = describe(u, weight)
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "pcDEQ solves do not support torch.func transforms (grad, vjp, jacrev, vmap, ...): their gradient is "
+            "an implicit solve that the transforms cannot see through (and a solve is batched already). Use "
+            "torch.autograd (loss.backward() or torch.autograd.grad) on the batch"
+        )
     spec = spec.replace(backend=backends.resolve(spec, problem))
     if z0 is not None:
         if not isinstance(z0, Tensor):
             raise ValueError(f"z0 must be a tensor shaped like u {tuple(u.shape)}, got {type(z0).__name__}")
         z0 = z0.to(u.dtype).contiguous()
-    u = u.contiguous()
+    u = u.contiguous(memory_format=state_format(u))  # a channels-last image batch stays channels-last
     weight = weight.contiguous()
     # stats_out carries the stats object to the backward pass, which fills in the backward fields.
     stats_out: list = []

@@ -113,6 +113,13 @@ class _PCDEQLayer(nn.Module):
         z, self.stats = functional.solve(u, weight, self.spec)
         return z
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: its solve runs Python (the solve "
+            "specification, the backend dispatch, the implicit gradient). Use torch.compile, which captures the "
+            "solve as one custom op, or torch.export"
+        )
+
     def extra_repr(self) -> str:
         return (
             f"activation={self.activation!r}, injection={self.injection!r}, "

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, reference
+from .activations import get_activation
 from .problem import check_like, describe, empty_outputs, empty_state, empty_stats, state_format
 from .spec import SolveSpec
 
@@ -44,14 +45,19 @@ def _check_not_capturing(x: Tensor) -> None:
         )
 
 
-def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor]) -> None:
-    """Reject negative or non-finite inputs. One min/max pass per tensor and one host read in all
-    (NaN propagates through min and max, so non-finite entries show up as a non-finite extreme)."""
+def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str) -> None:
+    """Reject negative or non-finite inputs, and (for an activation with act(0) = 0) samples whose u is
+    identically 0. One min/max pass per tensor and one host read in all (NaN propagates through min
+    and max, so non-finite entries show up as a non-finite extreme)."""
     named = [("weight", weight), ("u", u)] + ([("z0", z0)] if z0 is not None else [])
     named = [(name, t) for name, t in named if t.numel() > 0]  # an empty batch has nothing to check
-    extremes = torch.stack([x for _, t in named for x in torch.aminmax(t)]).tolist()
+    zero_at_zero = get_activation(activation).value_at_zero == 0 and u.numel() > 0
+    reductions = [x for _, t in named for x in torch.aminmax(t)]
+    if zero_at_zero:
+        reductions.append(u.flatten(1).amax(dim=1).min())  # 0 when some sample's u is all zeros
+    values = torch.stack([r.to(torch.float64) for r in reductions]).tolist()
     for i, (name, t) in enumerate(named):
-        lo, hi = extremes[2 * i], extremes[2 * i + 1]
+        lo, hi = values[2 * i], values[2 * i + 1]
         what = {"weight": "weight", "u": "u (the injection)", "z0": "z0"}[name]
         if not (math.isfinite(lo) and math.isfinite(hi)):
             fix = {
@@ -68,19 +74,48 @@ def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor]) -> None:
                 "z0": "the iteration must start in the nonnegative orthant",
             }[name]
             raise ValueError(f"{what} has negative entries (min {lo:.3g}); {fix}")
+    if zero_at_zero and values[-1] == 0:
+        rows = (u.flatten(1).amax(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(
+            f"u (the injection) is identically 0 in sample(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}: with "
+            f"{activation}(0) = 0, z = 0 is a fixed point there and the iteration from 0 never leaves it, although "
+            "positive fixed points may exist. pcDEQ-1 activations need u > 0: use the softplus(beta=5) injection, "
+            "or activation='sigmoid' (pcDEQ-2, for which u >= 0 suffices)"
+        )
 
 
-def _apply_policy(what: str, converged: Tensor, residual: Tensor, tol: float, max_iter: int, policy: str) -> None:
-    if policy == "ignore":
+def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor, spec: SolveSpec) -> None:
+    """The non-convergence policy; and, under the per-sample rule, a warning for samples that met it
+    only through its ``+ 1e-5`` guard: ``||dx|| / (||x|| + 1e-5) < tol`` while ``||dx|| / ||x|| >= tol``,
+    i.e. the state is so small (``||x||`` of order 1e-5 or below) that the rule says nothing about its
+    accuracy."""
+    adjoint = what == "backward"
+    tol = spec.backward_tol if adjoint else spec.tol
+    max_iter = spec.backward_max_iter if adjoint else spec.max_iter
+    if spec.on_nonconvergence == "ignore":
         return
-    n_failed = int((~converged).sum())
+    guard_decided = torch.zeros_like(converged)
+    if spec.stop == "sample":
+        norm = reference.per_sample_norm(state.to(residual.dtype))
+        # (a zero step, residual 0, is exact whatever the norm: an all-zero gradient's adjoint, say)
+        guard_decided = converged & (residual > 0) & (norm * (tol - residual) <= residual * reference.RESIDUAL_EPS)
+    n_failed, n_guard = torch.stack([(~converged).sum(), guard_decided.sum()]).tolist()
+    if n_guard:
+        warnings.warn(
+            f"pcDEQ {what} solve: {n_guard} of {converged.numel()} samples met tol={tol:g} only through the stopping "
+            f"rule's +{reference.RESIDUAL_EPS:g} guard (their norm is below about {reference.RESIDUAL_EPS:g}, so the "
+            "relative change is still above tol): the official rule, but no accuracy guarantee for them; scale the "
+            "input (or the loss) up, or lower tol",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     if n_failed == 0:
         return
     message = (
         f"pcDEQ {what} solve: {n_failed} of {converged.numel()} samples did not reach tol={tol:g} within "
         f"max_iter={max_iter} (worst relative residual {residual.max().item():.3g}); raise max_iter or tol"
     )
-    if policy == "raise":
+    if spec.on_nonconvergence == "raise":
         raise NonConvergenceError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=4)
 
@@ -102,15 +137,11 @@ def _solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], ke
     check_like(other_name, other, x, x_name)
     _check_not_capturing(x)
     if not adjoint:
-        _check_values(x, weight, other)
+        _check_values(x, weight, other, spec.activation)
     if x.shape[0] == 0:
         return _empty_solve(x, None if adjoint else other)
-    if adjoint:
-        state, its, res, conv = backend.adjoint_solve(x, weight, other, spec)
-        _apply_policy("backward", conv, res, spec.backward_tol, spec.backward_max_iter, spec.on_nonconvergence)
-    else:
-        state, its, res, conv = backend.forward_solve(x, weight, other, spec)
-        _apply_policy("forward", conv, res, spec.tol, spec.max_iter, spec.on_nonconvergence)
+    state, its, res, conv = (backend.adjoint_solve if adjoint else backend.forward_solve)(x, weight, other, spec)
+    _apply_policy("backward" if adjoint else "forward", state, conv, res, spec)
     return state.contiguous(memory_format=state_format(x)), its, res, conv
 
 

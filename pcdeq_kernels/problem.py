@@ -54,6 +54,10 @@ def describe(x: Tensor, weight: Tensor, x_name: str = "u") -> Problem:
                 f"convolutional pcDEQ needs {x_name} of shape (B, C, H, W) and weight (C, C, 3, 3); got {x_name} "
                 f"{tuple(x.shape)}, weight {tuple(weight.shape)}"
             )
+        if x.shape[0] > 0 and (x.shape[2] == 0 or x.shape[3] == 0):
+            raise ValueError(
+                f"convolutional pcDEQ needs images of at least one pixel; got {x_name} {tuple(x.shape)} (H or W is 0)"
+            )
         kind = "conv"
     else:
         raise ValueError(

@@ -117,10 +117,25 @@ def test_half_precision_gradients_flow_in_the_input_dtype(dtype):
     assert _rel_err(gw.double(), gw64) < 4 * torch.finfo(dtype).eps
 
 
-def test_double_backward_is_an_error_not_a_silent_zero():
+@pytest.mark.parametrize("loss", ["linear", "nonlinear"])
+@pytest.mark.parametrize("wrt", ["u", "weight"])
+def test_create_graph_is_a_clear_error_not_a_detached_gradient(loss, wrt):
+    """A gradient penalty needs the gradient as a function of W and u: the layer cannot give that, and
+    says so, whether or not the incoming gradient requires grad (a loss linear in z*: it does not)."""
     u, w = make_problem(3, 4, "tanh")
-    u.requires_grad_()
+    x = {"u": u, "weight": w}[wrt].requires_grad_()
     z, _ = pk.fixed_point(u, w)
-    (g,) = torch.autograd.grad(z.sum(), u, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    out = z.sum() if loss == "linear" else z.square().sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only.*create_graph=True"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_are_a_clear_error(transform):
+    u, w = make_problem(3, 4, "tanh")
+    if transform == "grad":
+        call = lambda: torch.func.grad(lambda w_: pk.fixed_point(u, w_)[0].sum())(w)  # noqa: E731
+    else:
+        call = lambda: torch.func.vmap(lambda u_: pk.fixed_point(u_[None], w)[0])(u)  # noqa: E731
+    with pytest.raises(RuntimeError, match="do not support torch.func transforms"):
+        call()

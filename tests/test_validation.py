@@ -174,3 +174,73 @@ def test_empty_batch_is_fine(shape, w_shape):
 def test_zero_features_is_an_error():
     with pytest.raises(ValueError, match="weight has zero rows"):
         pk.fixed_point(torch.rand(3, 0), torch.rand(0, 0))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "softsign", "relu6"])
+def test_zero_injection_rows_are_refused_where_zero_is_a_fixed_point(activation):
+    """With act(0) = 0 a sample whose u is all zeros has the spurious fixed point z = 0, which the
+    iteration from 0 never leaves (positive ones exist: 0.958 for tanh with row sums 2)."""
+    u, w = make_problem(4, 6, activation, dtype=torch.float32)
+    u[1] = 0.0
+    u[3] = 0.0
+    with pytest.raises(ValueError, match=r"identically 0 in sample\(s\) \[1, 3\].*softplus"):
+        pk.fixed_point(u, w, activation)
+    u[1, 0] = 1e-3  # one positive entry is enough for the guarantees (W spreads it) ...
+    u[3, 5] = 1e-3
+    pk.fixed_point(u, w, activation)
+
+
+def test_zero_injection_rows_are_fine_for_sigmoid():
+    u, w = make_problem(3, 6, "sigmoid", dtype=torch.float32)
+    u[0] = 0.0
+    z, stats = pk.fixed_point(u, w, "sigmoid")
+    assert stats.converged.all() and (z[0] > 0.5).all()
+
+
+@pytest.mark.parametrize("layer", [pk.PCDEQLinear, pk.PCDEQConv2d])
+@pytest.mark.parametrize("size", [0, -3, 2.0, True])
+def test_layer_sizes_must_be_positive_integers(layer, size):
+    with pytest.raises(ValueError, match=r"(features|channels) must be an integer >= 1"):
+        layer(size)
+
+
+def test_conv_images_without_pixels_are_a_clear_error():
+    with pytest.raises(ValueError, match=r"images of at least one pixel; got u \(2, 3, 0, 5\)"):
+        pk.fixed_point(torch.rand(2, 3, 0, 5), torch.rand(3, 3, 3, 3) * 0.01)
+
+
+def test_summary_of_an_empty_batch():
+    _, stats = pk.fixed_point(torch.rand(0, 4), torch.rand(4, 4) * 0.1)
+    summary = stats.summary()
+    assert summary.keys() >= {"forward_iterations_mean", "converged_fraction"}
+    assert all(v != v for v in summary.values())  # NaN: no samples
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_jit_script_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.compile"):
+        torch.jit.script(pk.PCDEQLinear(4))
+
+
+def test_channels_last_input_gives_channels_last_output():
+    layer = pk.PCDEQConv2d(3, backend="reference")
+    x = torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    z = layer(x)
+    assert z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
+    torch.testing.assert_close(z, layer(x.contiguous()))
+
+
+def test_convergence_decided_by_the_stopping_rules_guard_is_reported():
+    """u = 1e-9 and row sums 0.99: ||z*|| is about 1e-6, below the rule's +1e-5 guard, which then
+    declares convergence long before the iterate is accurate; the official rule, but said."""
+    d = 8
+    u = torch.full((2, d), 1e-9, dtype=torch.float64)
+    w = torch.full((d, d), 0.99 / d, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match=r"2 of 2 samples met tol=0.0001 only through the stopping rule's \+1e-05 guard"):
+        z, stats = pk.fixed_point(u, w, backend="reference")
+    assert stats.converged.all()
+    exact = 1e-9 / (1 - 0.99)  # tanh is the identity at this scale
+    assert (z / exact).max() < 0.9  # the guard's verdict: far from the fixed point
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... and a scale where the rule is meaningful says nothing
+        pk.fixed_point(u * 1e8, w, backend="reference", tol=1e-6)
