@@ -2,7 +2,8 @@
 //
 // The schemas are defined once here; each device adds its kernels under the same names with its own
 // TORCH_LIBRARY_IMPL block (CPU below; a CUDA build adds `TORCH_LIBRARY_IMPL(pcdeq_C, CUDA, m)` in
-// csrc/cuda/). pcdeq_kernels/backends/cpu.py registers the fake (meta) kernels and calls the ops.
+// csrc/cuda/). pcdeq_kernels/backends/compiled.py registers the fake (meta) kernels and calls the ops.
+// Every kernel checks its arguments with pcdeq/op_checks.h (check_forward_args, check_adjoint_args).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -22,7 +23,8 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(pcdeq_C, m) {
-  // activation: pcdeq_kernels.activations kernel_id (0 tanh, 1 softsign, 2 relu6, 3 sigmoid).
+  // activation: an activation id, pcdeq_kernels.activations kernel_id (the list: pcdeq/map_ids.h).
+  // tol: positive and finite; max_iter: >= 1 (as the Python options).
   // batch_stop: false for the per-sample rule ("sample"), true for the whole-batch one ("batch").
   // Returns (z*, iterations int32 (B,), residual (B,), converged bool (B,)).
   m.def(

@@ -350,8 +350,8 @@ def test_empty_batch_and_empty_images():
         z, its, res, conv = op(u, w, None, 0, 1e-4, 10, batch_stop)
         assert z.shape == u.shape and z.is_cuda
         assert its.tolist() == [1, 1, 1] and res.tolist() == [0.0, 0.0, 0.0] and conv.all()
-    z, its, res, conv = op(u, w, None, 0, 1e-4, 0, False)  # max_iter = 0: nothing happens
-    assert its.tolist() == [0, 0, 0] and res.isinf().all() and not conv.any()
+    with pytest.raises(RuntimeError, match="max_iter must be >= 1, got 0"):  # checked before the shortcut
+        op(u, w, None, 0, 1e-4, 0, False)
 
 
 def test_bad_inputs_raise_clear_errors():

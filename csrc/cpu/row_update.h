@@ -14,9 +14,9 @@
 
 #include <cmath>
 #include <cstdint>
-#include <utility>
 
 #include <pcdeq/activations.h>
+#include <pcdeq/op_checks.h>
 
 #include "vec_activations.h"
 
@@ -96,15 +96,12 @@ T relative_residual(double sq_diff, double sq_norm) {
   return static_cast<T>(std::sqrt(sq_diff) / (std::sqrt(sq_norm) + kResidualEps));
 }
 
-// Calls f(ForwardStep<ACT>{}) with the activation id as a compile-time constant.
+// f(ForwardStep<ACT>{}) with the activation id as a compile-time constant, f's result returned (one
+// instantiation per activation of the table: pcdeq::dispatch_map_id); an unknown id is an error.
 template <class F>
-decltype(auto) with_forward_step(int64_t activation, F&& f) {
-  switch (activation) {
-    case TANH: return std::forward<F>(f)(ForwardStep<TANH>{});
-    case SOFTSIGN: return std::forward<F>(f)(ForwardStep<SOFTSIGN>{});
-    case RELU6: return std::forward<F>(f)(ForwardStep<RELU6>{});
-    default: return std::forward<F>(f)(ForwardStep<SIGMOID>{});
-  }
+auto with_forward_step(int64_t activation, F&& f) {
+  return dispatch_map_id</*kWithAdjoint=*/false>(
+      "pcdeq cpu", activation, [&](auto act) { return f(ForwardStep<decltype(act)::value>{}); });
 }
 
 }  // namespace pcdeq::cpu

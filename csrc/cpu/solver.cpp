@@ -92,8 +92,8 @@ class Iteration {
         sq_diff_(batch_, 0.0),
         sq_norm_(batch_, 0.0) {
     const auto options = x_.options();
-    // Every sample's count and flag are written when it finishes; the residual only once a step is
-    // taken (max_iter = 0 leaves inf, as the reference does).
+    // Every sample's count and flag are written when it finishes; the residual once a step is taken
+    // (always: max_iter >= 1 is checked; inf until then, as the reference starts).
     iterations_ = at::empty({batch_}, options.dtype(at::kInt));
     residual_ = at::empty({batch_}, options);
     converged_ = at::empty({batch_}, options.dtype(at::kBool));
@@ -327,16 +327,6 @@ SolveOutputs iterate(at::Tensor x, std::array<at::Tensor, Step::kInputs> inputs,
   return Iteration<T, Step>(std::move(x), std::move(inputs), weight, transpose, tol, max_iter, batch_stop).run();
 }
 
-// Device, dtype and shape: dense (x (B, d), weight (d, d)) or conv (x (B, C, H, W), weight (C, C, 3, 3)).
-void check_problem(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
-  check_device_and_dtype(op, "cpu", c10::DeviceType::CPU, name, x, weight);
-  if (weight.dim() == 4) {
-    check_conv_shapes(op, name, x, weight);
-  } else {
-    check_dense_shapes(op, name, x, weight);
-  }
-}
-
 // The loops' memory layout: row-major for dense, channels-last for conv (conv_solver.cpp says why).
 at::MemoryFormat solver_layout(const at::Tensor& x) {
   return x.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
@@ -369,19 +359,13 @@ SolveOutputs forward_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
-  constexpr const char* op = "pcdeq_C::forward_solve";
   const NoAutocastGuard no_autocast;
-  check_problem(op, "u", u, weight);
-  check_options(op, tol, max_iter);
-  check_activation(op, activation);
-  if (z0.has_value()) {
-    check_like(op, "z0", *z0, u, "u");
-  }
+  check_forward_args(c10::DeviceType::CPU, u, weight, z0, activation, tol, max_iter);
   const auto dtype = state_dtype(u.scalar_type());
   at::Tensor u_c = as_input(u, dtype);
   at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor x = z0.has_value() ? as_state(*z0, dtype) : at::zeros_like(u_c);
-  if (weight.dim() == 4) {
+  if (is_conv_problem(weight)) {
     return as_output(conv_forward_iterate(x, u_c, w, activation, tol, max_iter, batch_stop), u);
   }
   return as_output(with_forward_step(activation, [&](auto step) {  // z @ W^T
@@ -398,17 +382,14 @@ SolveOutputs adjoint_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
-  constexpr const char* op = "pcdeq_C::adjoint_solve";
   const NoAutocastGuard no_autocast;
-  check_problem(op, "v", v, weight);
-  check_options(op, tol, max_iter);
-  check_like(op, "D", D, v, "v");
+  check_adjoint_args(c10::DeviceType::CPU, v, weight, D, tol, max_iter);
   const auto dtype = state_dtype(v.scalar_type());
   at::Tensor v_c = as_input(v, dtype);
   at::Tensor d_c = as_input(D, dtype);
   at::Tensor w = weight.to(dtype).contiguous();
   at::Tensor x = at::mul(d_c, v_c).contiguous(solver_layout(v));  // h_0 = D * v, a fresh buffer
-  if (weight.dim() == 4) {
+  if (is_conv_problem(weight)) {
     return as_output(conv_adjoint_iterate(x, v_c, d_c, w, tol, max_iter, batch_stop), v);
   }
   return as_output(dtype == at::kDouble  // h @ W

@@ -72,7 +72,6 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -93,7 +92,7 @@
 #include <pcdeq/activations.h>
 
 #include "conv_solve.cuh"
-#include "dense_kernels.cuh"  // kAdjoint, epilogue_value (the activations.h math), relative_residual, warp_sum
+#include "dense_kernels.cuh"  // epilogue_value (the activations.h math), relative_residual, warp_sum
 #include "op_checks.cuh"
 
 namespace pcdeq::cuda {
@@ -606,18 +605,11 @@ SolveOutputs run_conv(const ConvProblem& pr) {
   return {home, iterations, residual_out, converged};
 }
 
+// One instantiation per map id (every activation of the table, and the adjoint).
 template <typename T>
 SolveOutputs run_conv_mode(const ConvProblem& pr, int mode) {
-  switch (mode) {
-    case TANH: return run_conv<T, TANH>(pr);
-    case SOFTSIGN: return run_conv<T, SOFTSIGN>(pr);
-    case RELU6: return run_conv<T, RELU6>(pr);
-    case SIGMOID: return run_conv<T, SIGMOID>(pr);
-    case kAdjoint: return run_conv<T, kAdjoint>(pr);
-    default: break;
-  }
-  TORCH_CHECK(false, "pcdeq cuda: unknown map id ", mode);
-  return {};
+  return dispatch_map_id</*kWithAdjoint=*/true>(
+      "pcdeq cuda", mode, [&](auto map) { return run_conv<T, decltype(map)::value>(pr); });
 }
 
 // Runs the solve and returns the state in the input's dtype and memory format (as
@@ -637,15 +629,13 @@ SolveOutputs run_conv_problem(const ConvProblem& pr, int mode, const at::Tensor&
   return out;
 }
 
-// Shapes of a convolutional problem: name (B, C, H, W), weight (C, C, 3, 3).
-ConvShape check_conv(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
-  check_tensors(op, name, x, weight);
-  check_conv_shapes(op, name, x, weight);
+// The shape of a (checked) convolutional problem's input x (B, C, H, W), and its layout.
+ConvShape conv_shape(const at::Tensor& x) {
   return {x.size(0), x.size(1), x.size(2), x.size(3), x.scalar_type() != at::kDouble};
 }
 
-// Nothing to iterate (empty batch or images, or max_iter = 0): the trivial outputs, the state in the
-// input's dtype and memory format.
+// Nothing to iterate (empty batch or images): the trivial outputs, the state in the input's dtype and
+// memory format.
 SolveOutputs trivial_conv(const at::Tensor& x0_images, const at::Tensor& input, double tol, int64_t max_iter) {
   SolveOutputs out = trivial_solve(x0_images, tol, max_iter, input.scalar_type());
   at::Tensor state = at::empty_like(input);
@@ -664,15 +654,7 @@ SolveOutputs conv_forward_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
-  constexpr const char* op = "pcdeq_C::forward_solve";
-  const ConvShape shape = check_conv(op, "u", u, weight);
-  check_options(op, tol, max_iter);
-  check_activation(op, activation);
-  if (z0.has_value()) {
-    check_like(op, "z0", *z0, u, "u");
-  }
-  const c10::cuda::CUDAGuard guard(u.device());
-  check_capability(op, u.device());
+  const ConvShape shape = conv_shape(u);
   const c10::NoGradGuard no_grad;  // the solve's own tensor ops (conv2d on W) never record a graph
   const auto options = u.options().dtype(state_dtype(u.scalar_type()));
   ConvProblem pr;
@@ -682,7 +664,7 @@ SolveOutputs conv_forward_solve(
   if (z0.has_value()) {
     to_images(pr.x0, shape).copy_(*z0);
   }
-  if (shape.batch == 0 || shape.n() == 0 || max_iter == 0) {
+  if (shape.batch == 0 || shape.n() == 0) {
     return trivial_conv(to_images(pr.x0, shape), u, tol, max_iter);
   }
   pr.w = weight.contiguous(shape.format());
@@ -700,12 +682,7 @@ SolveOutputs conv_adjoint_solve(
     double tol,
     int64_t max_iter,
     bool batch_stop) {
-  constexpr const char* op = "pcdeq_C::adjoint_solve";
-  const ConvShape shape = check_conv(op, "v", v, weight);
-  check_options(op, tol, max_iter);
-  check_like(op, "D", D, v, "v");
-  const c10::cuda::CUDAGuard guard(v.device());
-  check_capability(op, v.device());
+  const ConvShape shape = conv_shape(v);
   const c10::NoGradGuard no_grad;  // the solve's own tensor ops (conv2d on W) never record a graph
   const auto sdt = state_dtype(v.scalar_type());
   ConvProblem pr;
@@ -714,7 +691,7 @@ SolveOutputs conv_adjoint_solve(
   pr.side1 = to_rows(D, shape);
   // h_0 = D * v in the state dtype, as the reference
   pr.x0 = at::mul(pr.side1.to(sdt), pr.side0.to(sdt));  // a fresh buffer: the solve overwrites it
-  if (shape.batch == 0 || shape.n() == 0 || max_iter == 0) {
+  if (shape.batch == 0 || shape.n() == 0) {
     return trivial_conv(to_images(pr.x0, shape), v, tol, max_iter);
   }
   // conv_transpose2d(h, W, padding=1) = conv2d(h, W', padding=1) with W'[i, o, a, b] = W[o, i, 2 - a, 2 - b]

@@ -1,6 +1,7 @@
 // The convolutional CUDA solves (conv_solve.cu): pcdeq_C::forward_solve / adjoint_solve for a 3x3
 // kernel of shape (C, C, 3, 3) and states of shape (B, C, H, W). ops_cuda.cu routes every call whose
-// weight has 4 dimensions here; these functions check their inputs themselves (op_checks.cuh).
+// weight has 4 dimensions here, once it has checked the arguments (pcdeq/op_checks.h, and the GPU's
+// compute capability) and made the input's device current.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -48,8 +48,8 @@ namespace pcdeq::cuda {
 
 namespace wmma = nvcuda::wmma;
 
-// Epilogue ids: 0..3 forward with that activation (pcdeq::Activation), kAdjoint the adjoint map.
-constexpr int kAdjoint = 4;
+// Epilogue ids (MODE) are the map ids of pcdeq/map_ids.h: an activation id (>= 0) for the forward
+// map act(acc + u), pcdeq::kAdjoint (< 0) for the adjoint map D * (acc + v).
 // The official code's denominator guard (pcdeq_kernels.reference.RESIDUAL_EPS).
 constexpr double kResidualEps = 1e-5;
 

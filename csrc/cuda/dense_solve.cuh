@@ -23,7 +23,7 @@ struct DenseProblem {
   at::Tensor side0;  // (B, d) state dtype: u (forward) or v (adjoint)
   at::Tensor side1;  // (B, d) state dtype: D (adjoint); undefined for the forward map
   at::Tensor x0;     // (B, d) state dtype: the initial state
-  int mode = 0;      // 0..3: forward with that activation id; 4 (kAdjoint): adjoint
+  int mode = 0;      // the map id (pcdeq/map_ids.h): an activation id (forward), or kAdjoint (< 0)
   double tol = 1e-4;
   int64_t max_iter = 0;
   bool batch_stop = false;

@@ -187,18 +187,11 @@ SolveOutputs run_dense(const DenseProblem& pr) {
   return {out, iterations, residual, converged};
 }
 
+// One instantiation per map id (every activation of the table, and the adjoint).
 template <class E>
 SolveOutputs solve_dense(const DenseProblem& pr) {
-  switch (pr.mode) {
-    case TANH: return run_dense<E, TANH>(pr);
-    case SOFTSIGN: return run_dense<E, SOFTSIGN>(pr);
-    case RELU6: return run_dense<E, RELU6>(pr);
-    case SIGMOID: return run_dense<E, SIGMOID>(pr);
-    case kAdjoint: return run_dense<E, kAdjoint>(pr);
-    default: break;
-  }
-  TORCH_CHECK(false, "pcdeq cuda: unknown map id ", pr.mode);
-  return {};
+  return dispatch_map_id</*kWithAdjoint=*/true>(
+      "pcdeq cuda", pr.mode, [&](auto map) { return run_dense<E, decltype(map)::value>(pr); });
 }
 
 }  // namespace pcdeq::cuda

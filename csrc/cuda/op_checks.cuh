@@ -1,7 +1,7 @@
-// Input checks and small helpers shared by the CUDA kernels of pcdeq_C::forward_solve / adjoint_solve:
-// the dense solves (ops_cuda.cu) and the convolutional ones (conv_solve.cu). The checks common to
-// every compiled backend are in pcdeq/op_checks.h; the CUDA-only ones (device, compute capability)
-// and the trivial-solve outputs are here.
+// Checks and small helpers shared by the CUDA kernels of pcdeq_C::forward_solve / adjoint_solve: the
+// dense solves (ops_cuda.cu, dense_solve_impl.cuh) and the convolutional ones (conv_solve.cu). The
+// argument checks of every compiled backend are in pcdeq/op_checks.h; the CUDA-only ones (compute
+// capability, graph capture) and the trivial-solve outputs are here.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,7 +10,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <limits>
 
 #include <pcdeq/activations.h>
 #include <pcdeq/op_checks.h>
@@ -18,19 +17,6 @@
 #include "dense_solve.cuh"  // SolveOutputs
 
 namespace pcdeq::cuda {
-
-using pcdeq::NoAutocastGuard;
-using pcdeq::check_activation;
-using pcdeq::check_conv_shapes;
-using pcdeq::check_dense_shapes;
-using pcdeq::check_like;
-using pcdeq::check_options;
-using pcdeq::state_dtype;
-
-// Device and dtype of the input `name` (u or v) and the weight; shapes are the caller's.
-inline void check_tensors(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
-  check_device_and_dtype(op, "cuda", c10::DeviceType::CUDA, name, x, weight);
-}
 
 // The loops that read convergence flags on the host every few steps (the dense stepwise loop, the
 // conv loop) cannot be captured in a CUDA graph: say so instead of failing inside the capture.
@@ -54,21 +40,19 @@ inline void check_capability(const char* op, const at::Device& device) {
       device, " is ", major, ".", minor, ": use backend=\"triton\" or backend=\"reference\"");
 }
 
-// Outputs of a solve that has nothing to iterate: an empty batch, a sample of no elements (every step
-// has residual 0 / (0 + 1e-5) = 0, as the CPU backend computes it), or max_iter = 0.
+// Outputs of a solve that has nothing to iterate: an empty batch, or a sample of no elements (every
+// step has residual 0 / (0 + 1e-5) = 0, as the CPU backend computes it; max_iter >= 1 is checked).
 // x0 (B, ...) is the initial state in the state dtype.
 inline SolveOutputs trivial_solve(const at::Tensor& x0, double tol, int64_t max_iter, at::ScalarType out_dtype) {
   const int64_t batch = x0.size(0);
   const auto options = x0.options();
-  // the reference compares r < tol in the state dtype
+  // the reference compares r < tol in the state dtype (a positive tol may round to 0 in float32)
   const bool stops = x0.scalar_type() == at::kDouble ? 0.0 < tol : 0.0f < static_cast<float>(tol);
-  const int64_t its = max_iter == 0 ? 0 : (stops ? 1 : max_iter);
-  const double res = max_iter == 0 ? std::numeric_limits<double>::infinity() : 0.0;
   return {
       x0.to(out_dtype, /*non_blocking=*/false, /*copy=*/true),  // never z0 itself: an op's outputs must not alias its inputs
-      at::full({batch}, its, options.dtype(at::kInt)),
-      at::full({batch}, res, options),
-      at::full({batch}, max_iter > 0 && stops, options.dtype(at::kBool)),
+      at::full({batch}, stops ? int64_t{1} : max_iter, options.dtype(at::kInt)),
+      at::full({batch}, 0.0, options),
+      at::full({batch}, stops, options.dtype(at::kBool)),
   };
 }
 

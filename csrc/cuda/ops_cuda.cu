@@ -1,7 +1,7 @@
-// The CUDA kernels of pcdeq_C::forward_solve / adjoint_solve (schemas in csrc/ops.cpp), dense problems:
-// input checks, the choice of matmul engine, operand preparation, and the registration. Convolutional
-// problems (weight of shape (C, C, 3, 3)) are routed to conv_solve.cu; the checks both share are in
-// op_checks.cuh.
+// The CUDA kernels of pcdeq_C::forward_solve / adjoint_solve (schemas in csrc/ops.cpp): input checks
+// (pcdeq/op_checks.h, then the GPU's compute capability) for both kinds of problem, then for dense
+// problems the choice of matmul engine, operand preparation, and the registration. Convolutional
+// problems (weight of shape (C, C, 3, 3)) are routed to conv_solve.cu once checked.
 //
 // Engines (dense_kernels.cuh), by input dtype:
 //   float64             CUDA-core fp64 (no tensor-core path: fp64 here is for verification, not speed)
@@ -127,11 +127,6 @@ DensePath path_from_env() {
   return DensePath::kAuto;
 }
 
-void check_dense(const char* op, const char* name, const at::Tensor& x, const at::Tensor& weight) {
-  check_tensors(op, name, x, weight);
-  check_dense_shapes(op, name, x, weight);
-}
-
 // (dp, dp) zero-padded copy of W^T (transpose) or W in the operand dtype.
 at::Tensor operand_matrix(const at::Tensor& weight, bool transpose, at::ScalarType dtype) {
   const int64_t d = weight.size(0);
@@ -155,18 +150,12 @@ SolveOutputs forward_solve(
     int64_t max_iter,
     bool batch_stop) {
   const NoAutocastGuard no_autocast;  // covers the conv path's cuDNN calls too
-  if (weight.dim() == 4) {
+  check_forward_args(c10::DeviceType::CUDA, u, weight, z0, activation, tol, max_iter);
+  check_capability("pcdeq_C::forward_solve", u.device());
+  const c10::cuda::CUDAGuard guard(u.device());
+  if (is_conv_problem(weight)) {
     return conv_forward_solve(u, weight, z0, activation, tol, max_iter, batch_stop);
   }
-  constexpr const char* op = "pcdeq_C::forward_solve";
-  check_dense(op, "u", u, weight);
-  check_options(op, tol, max_iter);
-  check_activation(op, activation);
-  if (z0.has_value()) {
-    check_like(op, "z0", *z0, u, "u");
-  }
-  const c10::cuda::CUDAGuard guard(u.device());
-  check_capability(op, u.device());
   const auto dtype = state_dtype(u.scalar_type());
   at::Tensor x0 = z0.has_value() ? z0->to(dtype).contiguous() : at::zeros(u.sizes(), u.options().dtype(dtype));
   if (u.size(0) == 0 || u.size(1) == 0) {
@@ -193,15 +182,12 @@ SolveOutputs adjoint_solve(
     int64_t max_iter,
     bool batch_stop) {
   const NoAutocastGuard no_autocast;  // covers the conv path's cuDNN calls too
-  if (weight.dim() == 4) {
+  check_adjoint_args(c10::DeviceType::CUDA, v, weight, D, tol, max_iter);
+  check_capability("pcdeq_C::adjoint_solve", v.device());
+  const c10::cuda::CUDAGuard guard(v.device());
+  if (is_conv_problem(weight)) {
     return conv_adjoint_solve(v, weight, D, tol, max_iter, batch_stop);
   }
-  constexpr const char* op = "pcdeq_C::adjoint_solve";
-  check_dense(op, "v", v, weight);
-  check_options(op, tol, max_iter);
-  check_like(op, "D", D, v, "v");
-  const c10::cuda::CUDAGuard guard(v.device());
-  check_capability(op, v.device());
   const auto dtype = state_dtype(v.scalar_type());
   at::Tensor v_c = v.to(dtype).contiguous();
   at::Tensor d_c = D.to(dtype).contiguous();

@@ -1,7 +1,9 @@
-// The pcDEQ activations: scalar math shared by the CPU backend and (later) CUDA kernels.
+// The pcDEQ activations: scalar math shared by the CPU backend (csrc/cpu/) and the CUDA kernels
+// (csrc/cuda/).
 //
-// One source of truth is pcdeq_kernels/activations.py; the ids below are its `kernel_id`s (a test
-// parses this file and checks they agree). Formulas, as there:
+// One source of truth is pcdeq_kernels/activations.py; the ids (enum Activation, kNumActivations,
+// kAdjoint and the list PCDEQ_FOR_EACH_ACTIVATION) come from pcdeq/map_ids.h, which
+// scripts/generate_map_ids.py writes from that table. Formulas, as there:
 //
 //     id  name      act(x)                 act'(x)
 //     0   tanh      tanh(x)                1 - tanh(x)^2
@@ -9,11 +11,21 @@
 //     2   relu6     min(max(x, 0), 6)      1 if 0 < x < 6 else 0   (0 at the kinks, as torch autograd)
 //     3   sigmoid   1 / (1 + exp(-x))      s(x) (1 - s(x))
 //
+// Adding an activation: its table entry (then regenerate map_ids.h) and one branch in each of
+// activation<> and activation_derivative<> below. An id without a branch there is a compile-time
+// error wherever it is instantiated, and every runtime dispatch over ids (visit_activation) is
+// generated from PCDEQ_FOR_EACH_ACTIVATION, so no call site is missed. (The CPU backend's SIMD
+// versions in csrc/cpu/vec_activations.h fall back to these scalar formulas lane by lane.)
+//
 // Everything is `PCDEQ_HOST_DEVICE` so CUDA code can call it from kernels; on the host it is plain
 // inline C++. `T` is float or double.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <pcdeq/map_ids.h>
 
 #if defined(__CUDACC__)
 #define PCDEQ_HOST_DEVICE __host__ __device__
@@ -23,18 +35,9 @@
 
 namespace pcdeq {
 
-enum Activation : int {
-  TANH = 0,
-  SOFTSIGN = 1,
-  RELU6 = 2,
-  SIGMOID = 3,
-};
-
-constexpr int kNumActivations = 4;
-
-PCDEQ_HOST_DEVICE constexpr bool is_valid_activation(int id) {
-  return 0 <= id && id < kNumActivations;
-}
+// false for every id, but only once ACT is known: the last branch of a compile-time dispatch.
+template <int ACT>
+inline constexpr bool kNoFormulaFor = false;
 
 // 1 / (1 + exp(-x)), evaluated from e = exp(-|x|) <= 1 so that nothing overflows: for x < 0 it is
 // e / (1 + e), which keeps full relative accuracy deep into the left tail (where 1 / (1 + exp(-x))
@@ -53,7 +56,6 @@ template <int ACT, typename T>
 PCDEQ_HOST_DEVICE inline T activation(T x) {
   using std::fabs;
   using std::tanh;
-  static_assert(is_valid_activation(ACT), "unknown pcDEQ activation id");
   if constexpr (ACT == TANH) {
     return tanh(x);
   } else if constexpr (ACT == SOFTSIGN) {
@@ -61,8 +63,11 @@ PCDEQ_HOST_DEVICE inline T activation(T x) {
   } else if constexpr (ACT == RELU6) {
     // Written so that NaN propagates (NaN compares false both times), like torch's clamp.
     return x < T(0) ? T(0) : (x > T(6) ? T(6) : x);
-  } else {
+  } else if constexpr (ACT == SIGMOID) {
     return sigmoid(x);
+  } else {
+    static_assert(kNoFormulaFor<ACT>, "pcdeq::activation: no formula for this activation id (add its branch)");
+    return x;
   }
 }
 
@@ -71,7 +76,6 @@ template <int ACT, typename T>
 PCDEQ_HOST_DEVICE inline T activation_derivative(T x) {
   using std::fabs;
   using std::tanh;
-  static_assert(is_valid_activation(ACT), "unknown pcDEQ activation id");
   if constexpr (ACT == TANH) {
     const T t = tanh(x);
     return T(1) - t * t;
@@ -80,31 +84,40 @@ PCDEQ_HOST_DEVICE inline T activation_derivative(T x) {
     return T(1) / (s * s);
   } else if constexpr (ACT == RELU6) {
     return (x > T(0) && x < T(6)) ? T(1) : T(0);
-  } else {
+  } else if constexpr (ACT == SIGMOID) {
     const T s = sigmoid(x);
     return s * (T(1) - s);
+  } else {
+    static_assert(kNoFormulaFor<ACT>, "pcdeq::activation_derivative: no formula for this activation id (add its branch)");
+    return x;
   }
 }
 
-// Runtime-id versions, for code that does not specialise on the activation.
-template <typename T>
-PCDEQ_HOST_DEVICE inline T activation(int id, T x) {
+// Runtime id -> compile-time id: calls f(std::integral_constant<int, ID>{}) for the activation whose
+// id is `id` and returns true; for any other id (kAdjoint included) calls nothing and returns false.
+// One case per PCDEQ_FOR_EACH_ACTIVATION entry: the one switch over activation ids.
+template <class F>
+PCDEQ_HOST_DEVICE inline bool visit_activation(int64_t id, F&& f) {
   switch (id) {
-    case TANH: return activation<TANH>(x);
-    case SOFTSIGN: return activation<SOFTSIGN>(x);
-    case RELU6: return activation<RELU6>(x);
-    default: return activation<SIGMOID>(x);
+#define PCDEQ_VISIT_ACTIVATION_CASE(NAME, ID) \
+  case ID:                                    \
+    f(std::integral_constant<int, ID>{});     \
+    return true;
+    PCDEQ_FOR_EACH_ACTIVATION(PCDEQ_VISIT_ACTIVATION_CASE)
+#undef PCDEQ_VISIT_ACTIVATION_CASE
+    default:
+      return false;  // not an activation: nothing is computed
   }
 }
 
-template <typename T>
-PCDEQ_HOST_DEVICE inline T activation_derivative(int id, T x) {
-  switch (id) {
-    case TANH: return activation_derivative<TANH>(x);
-    case SOFTSIGN: return activation_derivative<SOFTSIGN>(x);
-    case RELU6: return activation_derivative<RELU6>(x);
-    default: return activation_derivative<SIGMOID>(x);
+// The same over every map id a solve iterates: the activations, and kAdjoint for the adjoint map.
+template <class F>
+PCDEQ_HOST_DEVICE inline bool visit_map(int64_t id, F&& f) {
+  if (id == kAdjoint) {
+    f(std::integral_constant<int, kAdjoint>{});
+    return true;
   }
+  return visit_activation(id, f);
 }
 
 }  // namespace pcdeq
