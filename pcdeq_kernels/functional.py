@@ -85,18 +85,16 @@ class _FixedPoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(u, weight, z0, spec, stats_out):
+    def forward(ctx, u, weight, z0, spec, stats_out):
+        # (the ctx form: with setup_context, Function.apply binds the arguments through inspect.signature
+        # on every call, a cost the paper-sized solve notices)
         with _without_autocast(u):
-            return ops.forward_solve(u, weight, z0, spec.key)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        u, weight, _, spec, stats_out = inputs
-        z, its, res, conv = output
+            z, its, res, conv = ops.forward_solve(u, weight, z0, spec.key)
         ctx.spec = spec
         ctx.stats_out = stats_out
         ctx.save_for_backward(u, weight, z)
         ctx.mark_non_differentiable(its, res, conv)
+        return z, its, res, conv
 
     @staticmethod
     def backward(ctx, grad_z, *_):
