@@ -29,8 +29,12 @@
 
 #if defined(__CUDACC__)
 #define PCDEQ_HOST_DEVICE __host__ __device__
+// Before a __host__ __device__ template that calls its argument: the call is checked in the space the
+// instantiation runs in (host code passes host lambdas, device code device ones), not in both.
+#define PCDEQ_CALLS_ANY_SPACE _Pragma("nv_exec_check_disable")
 #else
 #define PCDEQ_HOST_DEVICE
+#define PCDEQ_CALLS_ANY_SPACE
 #endif
 
 namespace pcdeq {
@@ -96,6 +100,7 @@ PCDEQ_HOST_DEVICE inline T activation_derivative(T x) {
 // Runtime id -> compile-time id: calls f(std::integral_constant<int, ID>{}) for the activation whose
 // id is `id` and returns true; for any other id (kAdjoint included) calls nothing and returns false.
 // One case per PCDEQ_FOR_EACH_ACTIVATION entry: the one switch over activation ids.
+PCDEQ_CALLS_ANY_SPACE
 template <class F>
 PCDEQ_HOST_DEVICE inline bool visit_activation(int64_t id, F&& f) {
   switch (id) {
@@ -111,6 +116,7 @@ PCDEQ_HOST_DEVICE inline bool visit_activation(int64_t id, F&& f) {
 }
 
 // The same over every map id a solve iterates: the activations, and kAdjoint for the adjoint map.
+PCDEQ_CALLS_ANY_SPACE
 template <class F>
 PCDEQ_HOST_DEVICE inline bool visit_map(int64_t id, F&& f) {
   if (id == kAdjoint) {
