@@ -99,7 +99,8 @@ def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor,
         norm = reference.per_sample_norm(state.to(residual.dtype))
         # (a zero step, residual 0, is exact whatever the norm: an all-zero gradient's adjoint, say)
         guard_decided = converged & (residual > 0) & (norm * (tol - residual) <= residual * reference.RESIDUAL_EPS)
-    n_failed, n_guard = torch.stack([(~converged).sum(), guard_decided.sum()]).tolist()
+    non_finite = ~converged & ~torch.isfinite(residual)
+    n_failed, n_guard, n_non_finite = torch.stack([(~converged).sum(), guard_decided.sum(), non_finite.sum()]).tolist()
     if n_guard:
         warnings.warn(
             f"pcDEQ {what} solve: {n_guard} of {converged.numel()} samples met tol={tol:g} only through the stopping "
@@ -111,10 +112,21 @@ def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor,
         )
     if n_failed == 0:
         return
-    message = (
-        f"pcDEQ {what} solve: {n_failed} of {converged.numel()} samples did not reach tol={tol:g} within "
-        f"max_iter={max_iter} (worst relative residual {residual.max().item():.3g}); raise max_iter or tol"
-    )
+    if n_non_finite:
+        samples = non_finite.nonzero().flatten().tolist()
+        message = (
+            f"pcDEQ {what} solve: {n_non_finite} of {converged.numel()} samples hit a non-finite (NaN or Inf) "
+            f"iterate or residual and stopped there, unconverged (samples {samples[:10]}"
+            f"{' ...' if len(samples) > 10 else ''}): check the scale of the weight and of the "
+            f"{'incoming gradient' if what == 'backward' else 'injection u'} (an overflow), or the loss"
+        )
+        if n_failed > n_non_finite:
+            message += f"; {n_failed - n_non_finite} more did not reach tol={tol:g} within max_iter={max_iter}"
+    else:
+        message = (
+            f"pcDEQ {what} solve: {n_failed} of {converged.numel()} samples did not reach tol={tol:g} within "
+            f"max_iter={max_iter} (worst relative residual {residual.max().item():.3g}); raise max_iter or tol"
+        )
     if spec.on_nonconvergence == "raise":
         raise NonConvergenceError(message)
     warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -15,7 +15,10 @@ Stopping rule (the official code's), per sample b with ``x`` the state (z or h):
 
 ``stop="sample"``: each sample stops (its state freezes and its iteration count stops) once
 ``r_b < tol``; ``stop="batch"``: all samples stop together once the same ratio taken over the whole
-batch (Frobenius norms) is below ``tol``. Either way at most ``max_iter`` steps are taken.
+batch (Frobenius norms) is below ``tol``. Either way at most ``max_iter`` steps are taken. The squared
+norms are summed in float64 (no overflow for a float32 state), and a residual that is not finite
+(NaN or Inf) stops its sample (or, with "batch", the batch) at once, unconverged: a non-finite iterate
+is never "converged" and never iterated on.
 
 Returned per sample: the iteration count (map applications), the last relative residual ``r_b``,
 and whether the stopping rule was met. Half-precision inputs are solved in float32.
@@ -60,18 +63,31 @@ def solver_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def squared_norms(x: Tensor) -> Tensor:
+    """Per-sample sums of squares, accumulated in float64: they cannot overflow for a float32 (or half)
+    state, whose squares stay below 1.2e77."""
+    return x.flatten(1).to(torch.float64).square().sum(dim=1)
+
+
 def per_sample_norm(x: Tensor) -> Tensor:
-    return x.flatten(1).norm(dim=1)
+    return squared_norms(x).sqrt().to(x.dtype)
+
+
+def residual_from_squares(sq_diff: Tensor, sq_norm: Tensor, dtype: torch.dtype) -> Tensor:
+    """``sqrt(sq_diff) / (sqrt(sq_norm) + 1e-5)`` in float64, rounded to ``dtype``; NaN where a sum is
+    not finite (a non-finite iterate, or a float64 state beyond 1e154): never a spurious 0."""
+    r = sq_diff.sqrt() / (sq_norm.sqrt() + RESIDUAL_EPS)
+    return torch.where(torch.isfinite(sq_diff) & torch.isfinite(sq_norm), r, float("nan")).to(dtype)
 
 
 def relative_residual(x_next: Tensor, x: Tensor) -> Tensor:
     """Per-sample ``||x_next - x|| / (||x_next|| + 1e-5)``."""
-    return per_sample_norm(x_next - x) / (per_sample_norm(x_next) + RESIDUAL_EPS)
+    return residual_from_squares(squared_norms(x_next - x), squared_norms(x_next), x.dtype)
 
 
 def batch_relative_residual(x_next: Tensor, x: Tensor) -> Tensor:
     """Whole-batch ``||x_next - x||_F / (||x_next||_F + 1e-5)`` (the official code's rule)."""
-    return (x_next - x).norm() / (x_next.norm() + RESIDUAL_EPS)
+    return residual_from_squares(squared_norms(x_next - x).sum(), squared_norms(x_next).sum(), x.dtype)
 
 
 def iterate(
@@ -79,6 +95,8 @@ def iterate(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Iterate ``x <- step(x)`` from ``x0`` with the stopping rule in the module docstring.
 
+    A sample whose residual is not finite (NaN or Inf: a non-finite iterate) stops at once, unconverged,
+    with that step taken; under ``stop="batch"`` a non-finite batch residual stops the whole batch so.
     Returns ``(x, iterations int32 (B,), residual (B,), converged bool (B,))``.
     """
     batch = x0.shape[0]
@@ -86,24 +104,26 @@ def iterate(
     iterations = torch.zeros(batch, dtype=torch.int32, device=x0.device)
     residual = torch.full((batch,), float("inf"), dtype=x0.dtype, device=x0.device)
     active = torch.ones(batch, dtype=torch.bool, device=x0.device)
-    batch_done = False
+    converged = torch.zeros(batch, dtype=torch.bool, device=x0.device)
     for _ in range(max_iter):
         x_next = step(x)
         r = relative_residual(x_next, x)
-        if stop == "batch":
-            batch_done = bool(batch_relative_residual(x_next, x) < tol)
+        r_batch = batch_relative_residual(x_next, x) if stop == "batch" else None
         keep = active.view(-1, *([1] * (x.dim() - 1)))
         x = torch.where(keep, x_next, x)
         residual = torch.where(active, r, residual)
         iterations += active.to(torch.int32)
         if stop == "batch":
-            if batch_done:
+            if bool(r_batch < tol):
+                converged[:] = True
+                break
+            if not bool(torch.isfinite(r_batch)):
                 break
         else:
-            active = active & ~(r < tol)  # written so that a NaN residual never counts as converged
+            converged |= active & (r < tol)
+            active = active & ~(r < tol) & torch.isfinite(r)
             if not bool(active.any()):
                 break
-    converged = torch.full_like(active, batch_done) if stop == "batch" else ~active
     return x, iterations, residual, converged
 
 

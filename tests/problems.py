@@ -222,13 +222,19 @@ def check_max_iter_cap(backend, u, w, activation, max_iter):
 
 def check_nan_residual_never_counts_as_converged(backend, u, w, activation):
     """u has a NaN in sample 2 (the op layer above rejects this; the backend must still follow the
-    rule): under both stop rules (tol 1e-6, 50 steps) that sample's residual is NaN and it runs all 50
-    steps unconverged; counts, flags and states (NaN where NaN) are the reference's."""
+    rule): under the per-sample rule (tol 1e-6, 50 steps) that sample's residual is NaN at its first
+    step, where it stops, unconverged, while the others go on; under the batch rule the batch residual
+    is NaN and every sample stops after that one step, unconverged. Counts, flags and states (NaN where
+    NaN) are the reference's."""
     for stop in ("sample", "batch"):
         z, its, res, conv = backend.forward_solve(u, w, None, spec(activation, 1e-6, 50, stop))
         z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, activation, tol=1e-6, max_iter=50, stop=stop)
         assert torch.equal(its, its_ref) and torch.equal(conv, conv_ref)
-        assert res[2].isnan() and not conv[2] and its[2] == 50
+        assert res[2].isnan() and not conv[2] and its[2] == 1
+        if stop == "batch":
+            assert (its == 1).all() and not conv.any()
+        else:
+            assert (its[torch.arange(len(its)) != 2] > 1).all()
         torch.testing.assert_close(z, z_ref, equal_nan=True)
 
 

@@ -156,3 +156,31 @@ def test_half_precision_is_solved_in_float32():
         # the only differences are the inputs' rounding (relative error <= eps * (1 + ||J||)) and
         # the output's rounding (eps/2): a few eps of the half dtype
         torch.testing.assert_close(z.float(), z32, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_residual_cannot_overflow_or_be_a_spurious_zero():
+    """Squares of 1e20 overflow float32; the residual is computed from float64 sums, so it is the true
+    ratio, and where even those are not finite it is NaN, never 0 or inf/inf."""
+    x = torch.full((2, 10), 1e20)
+    x_next = x * (1 + 1e-3)
+    r = reference.relative_residual(x_next, x)
+    # (1 + 1e-3) is rounded to float32: the difference it makes is exact to 6e-5 relative
+    torch.testing.assert_close(r, torch.full((2,), 1e-3 / (1 + 1e-3)), rtol=1e-4, atol=0)
+    huge = torch.full((1, 4), 1e200, dtype=torch.float64)
+    assert reference.relative_residual(huge * 2, huge).isnan().all()
+    inf = torch.tensor([[float("inf"), 1.0]])
+    assert reference.relative_residual(inf, torch.ones(1, 2)).isnan().all()
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_a_non_finite_sample_stops_at_once(stop):
+    """A sample whose step goes non-finite stops at that step, unconverged (with "batch", the whole
+    batch does); it is never iterated on up to max_iter."""
+    u, w = make_problem(3, 5, "tanh")
+    u[1, 2] = float("nan")
+    z, its, res, conv = reference.forward_solve(u, w, "tanh", tol=1e-9, max_iter=1000, stop=stop)
+    assert its[1] == 1 and res[1].isnan() and not conv[1]
+    if stop == "batch":
+        assert (its == 1).all() and not conv.any()
+    else:
+        assert conv[[0, 2]].all() and (its[[0, 2]] > 5).all()

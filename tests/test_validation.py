@@ -244,3 +244,42 @@ def test_convergence_decided_by_the_stopping_rules_guard_is_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # ... and a scale where the rule is meaningful says nothing
         pk.fixed_point(u * 1e8, w, backend="reference", tol=1e-6)
+
+
+def _cpu_tensor_backends():
+    """The backends that solve CPU tensors here (Triton only under its interpreter; float32 problems)."""
+    from pcdeq_kernels.problem import Problem
+
+    return [n for n in pk.backends.BACKEND_NAMES if pk.backends.get(n).is_available()
+            and not pk.backends.get(n).unsupported_reason(pk.SolveSpec(), Problem("dense", "cpu", torch.float32, 1))]
+
+
+@pytest.mark.parametrize("backend", _cpu_tensor_backends())
+@pytest.mark.parametrize("conv_hw", [None, (4, 5)], ids=["dense", "conv"])
+def test_huge_incoming_gradient_does_not_overflow_the_residual(backend, conv_hw):
+    """An upstream gradient scaled by 1e20: the squares of the adjoint state overflow float32, and the
+    residual must not become 0 ("converged" after a step or two): the gradient is the unscaled one,
+    scaled."""
+    u, w = make_problem(3, 6, "tanh", dtype=torch.float32, weight_scale=0.9, conv_hw=conv_hw)
+    u.requires_grad_()
+    g = torch.rand_like(u)
+    z, _ = pk.fixed_point(u, w, tol=1e-6, backend=backend)
+    (want,) = torch.autograd.grad(z, u, g)
+    z, stats = pk.fixed_point(u, w, tol=1e-6, backend=backend)
+    (got,) = torch.autograd.grad(z, u, g * 1e20)
+    assert (stats.backward_iterations > 3).all()
+    torch.testing.assert_close(got / 1e20, want, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", _cpu_tensor_backends())
+def test_non_finite_iterates_stop_at_once_and_say_so(backend):
+    """bfloat16 W = 1e38 (finite) makes L(z) overflow to Inf and softsign(Inf) NaN: the solve stops at
+    that step (not after max_iter steps: with 10**9 it ran for minutes), unconverged, and the message
+    says non-finite."""
+    u, w = make_problem(4, 8, "softsign", dtype=torch.bfloat16)
+    w[:, :] = 1e38
+    with pytest.warns(RuntimeWarning, match=r"4 of 4 samples hit a non-finite \(NaN or Inf\) iterate"):
+        z, stats = pk.fixed_point(u, w, "softsign", max_iter=10**5, backend=backend)
+    assert not stats.converged.any() and (stats.forward_iterations <= 3).all()  # L(z) overflows by step 3
+    with pytest.raises(pk.NonConvergenceError, match="non-finite"):
+        pk.fixed_point(u, w, "softsign", max_iter=10**5, backend=backend, on_nonconvergence="raise")
