@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile every Triton kernel configuration for sm_80 and sm_90 with another Triton release and check
 # it for register spills and shared memory (the AOT tests of tests/test_backend_triton.py and
-# tests/test_triton_conv.py). The project's venv carries the newest Triton (3.9); the GPU machines
+# tests/test_triton_conv.py), and that the epilogue compiles for every map id of the table and refuses
+# any other (its tl.static_assert; test_every_map_id_compiles_for_sm80_...). The project's venv carries the newest Triton (3.9); the GPU machines
 # carry the one their torch pins (torch 2.11: triton 3.6.0; torch 2.14.1 pins 3.8.0), and ptxas's
 # register allocation differs between versions, so the configurations must be spill-free under each
 # that users run. CI checks 3.6.0 and 3.8.0.

@@ -14,21 +14,45 @@ import tempfile
 import torch
 import triton
 
+from ..activations import ADJOINT_ID
+
 # Triton's names of the operand dtypes the kernels take.
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+# The GPU architectures the kernels are compiled for, and the most shared memory one block may opt in
+# to on each (A100: 163 KB, H100: 227 KB).
+CAPABILITIES = (80, 90)
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-def compile_for_gpu(fn, arg_types: dict, constexprs: dict, unit_stride: str, dtype: torch.dtype, config,
-                    capability: int, divisible=()) -> dict:
+# The arguments both kernel families (dense.py, conv.py) name alike, by role, for compiling without a
+# GPU: "T" is the operands' dtype; "W1" marks a weight stride, the one that is 1 in a launch specialised
+# to the constant 1 (Triton does so with an int argument equal to 1, so a real launch compiles exactly
+# that): stride_wk for the forward map (W.T, or each tap's W.T), stride_wn for the adjoint's.
+ARG_TYPES = {
+    "x0_ptr": "*T", "bias_ptr": "*T", "scale_ptr": "*T", "w_ptr": "*T", "out_ptr": "*T",
+    "its_ptr": "*i32", "res_ptr": "*fp32", "conv_ptr": "*u1", "buf_ptr": "*fp32",
+    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32", "active_ptr": "*i32",
+    "B": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
+}
+
+# A launch compiles a variant of the single-launch kernels with and without z0 (x0: given, or the
+# map's default start), and of the step kernel per stop rule and for the bookkeeping-only launch.
+SOLVE_VARIANTS = (dict(has_x0=False), dict(has_x0=True))
+STEP_VARIANTS = tuple(dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False)))
+
+
+def compile_for_gpu(fn, arg_types: dict, constexprs: dict, dtype: torch.dtype, config, capability: int,
+                    divisible=()) -> dict:
     """``triton.compile`` a @triton.jit function for ``sm_<capability>`` (no GPU needed) and read its
     registers and local memory from the cubin (``cuobjdump --dump-resource-usage``: ``n_regs`` and
     ``n_spills`` need a driver). Generic over kernels: ``arg_types`` maps argument names to roles
-    (``"*T"``: a pointer to the operands' dtype, ``"W1"``: a weight stride, the one named
-    ``unit_stride`` specialised to 1 as a real launch does); other arguments are ``constexprs``; the
-    integer arguments named in ``divisible`` are compiled as multiples of 16."""
+    (``"*T"``: a pointer to the operands' dtype, ``"W1"``: a weight stride, specialised to 1 as a real
+    launch does for the map ``constexprs["ACT"]``: see ``ARG_TYPES``); other arguments are
+    ``constexprs``; the integer arguments named in ``divisible`` are compiled as multiples of 16."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    unit_stride = "stride_wn" if constexprs["ACT"] == ADJOINT_ID else "stride_wk"
     signature, constexprs, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(fn.arg_names):
         role = arg_types.get(name, "constexpr")

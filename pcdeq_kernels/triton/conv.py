@@ -23,9 +23,10 @@ and every kernel reads ``M_t[k, n]`` at ``w_ptr + t * stride_wt + k * stride_wk 
     forward   w_ptr = Wp[0]   stride_wt = +C^2   (stride_wk, stride_wn) = (1, C)    Wp[t].T, as dense's W.T
     adjoint   w_ptr = Wp[8]   stride_wt = -C^2   (stride_wk, stride_wn) = (C, 1)    Wp[8 - t], as dense's W
 
-one kernel body for both (``ACT`` = the activation's ``kernel_id``, or ``ADJOINT`` for ``D * (.)``:
-the epilogue helpers of ``epilogue.py``, shared with ``dense.py``), and each tap's operand tile is
-contiguous along one of its dimensions in both directions.
+one kernel body for both (``ACT`` = the map's id from the table: the activation's ``kernel_id``, or
+``ADJOINT_ID`` for ``D * (.)``; the epilogue helpers of ``epilogue.py``, shared with ``dense.py``), and
+each tap's operand tile is contiguous along one of its dimensions in both directions. The launchers
+take a ``SolveSpec`` and share their checks, buffers and host loop with ``dense.py`` (``launch.py``).
 
 Layout: the kernels work in channels-last (NHWC). The reduction dimension is the input channels, so
 in NHWC an operand tile (BLOCK_P pixels, BLOCK_K channels) is BLOCK_P contiguous runs (coalesced
@@ -70,7 +71,6 @@ checked by the tests; see ``aot_compile`` for the one kind of spill ptxas choose
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -78,18 +78,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
-from ..activations import get_activation
+from ..activations import ADJOINT_ID, map_ids
 from ..precision import torch_conv_precision
-from . import aot, dense
-from .dense import (
-    _arg, _check_every, _configs, _num_sms, _stats, _tuned, autotuned, benchmark, launching,
-)
-from .epilogue import ADJOINT, _close_previous_step, _initial_state, _next_state, _relative_residual
+from ..spec import SolveSpec
+from . import aot, launch, limits
+from .epilogue import close_previous_step, initial_state, next_state, relative_residual
+from .launch import Iteration, arg, autotuned, benchmark, launching, make_configs, tuned
 
-# 32-bit indexing inside an image (C * H * W) and inside the packed kernel (9 * C^2).
-MAX_IMAGE = 2**31 - 1
-MAX_CHANNELS = 15447  # 9 * C^2 < 2**31
 # "auto" takes the single launch when one program's iteration (one image: 18 C^2 H W flops) costs at
 # most about what a launch does; the dense kernels' bound (2 * 16 * 512^2 flops per program-iteration).
 SINGLE_LAUNCH_MAX_FLOPS = 2 * 16 * 512 * 512
@@ -112,7 +107,7 @@ SINGLE_LAUNCH_MAX_FLOPS = 2 * 16 * 512 * 512
 # pixel tiles, channel tiles and K blocks. The 16 x 32 ieee tile says maxnreg=128: left to itself,
 # Triton 3.6's ptxas stops it at 80 registers and spills 24 bytes when given z0 with C, H, W and B
 # multiples of 16 (bfloat16, sm_80).
-SCRATCH_CONFIGS = _configs(
+SCRATCH_CONFIGS = make_configs(
     [(64, 32, 32, 4, 1), (64, 32, 32, 8, 2), (64, 64, 32, 8, 1),
      (16, 32, 16, 2, 1, 128), (16, 64, 16, 4, 1), (64, 64, 16, 16, 1)],
     ("BLOCK_P", "BLOCK_N", "BLOCK_K"),
@@ -121,7 +116,7 @@ SCRATCH_CONFIGS = _configs(
 # float32, sm_90). How close these sit to ptxas's occupancy steps shows in that a change of the
 # kernel's source that leaves its work alone can move a config across one: rerun the AOT tests
 # under both versions (scripts/check_triton_aot.sh) after any change here.
-STEP_CONFIGS = _configs(
+STEP_CONFIGS = make_configs(
     [(64, 32, 32, 4, 2), (64, 32, 32, 8, 2), (64, 64, 32, 8, 2), (32, 32, 16, 4, 2), (64, 64, 16, 8, 1)],
     ("BLOCK_P", "BLOCK_N", "BLOCK_K"),
 )
@@ -129,9 +124,9 @@ STEP_CONFIGS = _configs(
 
 def _tile_candidates(configs, named_args, **kwargs):
     """Configs of the requested precision whose tiles are not mostly padding for this C and H * W."""
-    ieee = _arg(named_args, kwargs, "PRECISION") == "ieee"
-    channels = max(16, triton.next_power_of_2(_arg(named_args, kwargs, "C")))
-    pixels = max(32, triton.next_power_of_2(_arg(named_args, kwargs, "H") * _arg(named_args, kwargs, "Wd")))
+    ieee = arg(named_args, kwargs, "PRECISION") == "ieee"
+    channels = max(16, triton.next_power_of_2(arg(named_args, kwargs, "C")))
+    pixels = max(32, triton.next_power_of_2(arg(named_args, kwargs, "H") * arg(named_args, kwargs, "Wd")))
     same = [c for c in configs if (c.kwargs["BLOCK_K"] <= 16) == ieee] or configs[:1]
     kept = [c for c in same if c.kwargs["BLOCK_N"] <= channels and c.kwargs["BLOCK_P"] <= pixels]
     return kept or [min(same, key=lambda c: c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"])]
@@ -177,7 +172,7 @@ def _conv_tile(x_ptr, w_ptr, pix, pix_ok, cols_n, C, H, Wd, stride_wt, stride_wk
     return acc
 
 
-@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
+@triton.autotune(configs=tuned(SCRATCH_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark)
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
@@ -201,7 +196,7 @@ def _solve_scratch_kernel(
             cols = n0 + tl.arange(0, BLOCK_N)
             mask = (pix < hw)[:, None] & (cols < C)[None, :]
             offs = pix[:, None] * C + cols[None, :]
-            x = _initial_state(x0_ptr + first, bias_ptr + first, scale_ptr + first, offs, mask, HAS_X0, ACT,
+            x = initial_state(x0_ptr + first, bias_ptr + first, scale_ptr + first, offs, mask, HAS_X0, ACT,
                                BLOCK_P, BLOCK_N)
             tl.store(buf_ptr + first + offs, x, mask=mask)
     tl.debug_barrier()
@@ -224,12 +219,12 @@ def _solve_scratch_kernel(
                                  PRECISION, BLOCK_P, BLOCK_N, BLOCK_K)
                 mask = pix_ok[:, None] & (cols < C)[None, :]
                 offs = pix[:, None] * C + cols[None, :]
-                x_new = _next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
+                x_new = next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
                 diff = x_new - tl.load(src + offs, mask=mask, other=0.0)
                 diff_sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
                 norm_sq += tl.sum(tl.sum(x_new * x_new, axis=1), axis=0)
                 tl.store(dst + offs, x_new, mask=mask)
-        r = _relative_residual(diff_sq, norm_sq)
+        r = relative_residual(diff_sq, norm_sq)
         k += 1
         go = (k < max_iter) & ~(r < tol)
         # The next iteration (or the copy-out) reads what other threads of this program just wrote.
@@ -250,7 +245,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=_tuned(STEP_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
+    configs=tuned(STEP_CONFIGS), key=["B", "C", "H", "Wd", "PRECISION", "ACT"],
     prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark,
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
@@ -266,7 +261,7 @@ def _step_kernel(
     bookkeeping of step t-1 for that image.
 
     Grid: (B * pixel tiles, channel tiles). Buffers (initialised by the launcher; both ``active`` slots
-    start at 1): ``sums``, ``tot`` and ``active`` as ``_close_previous_step`` describes them, with images
+    start at 1): ``sums``, ``tot`` and ``active`` as ``close_previous_step`` describes them, with images
     for samples. ``COMPUTE=False`` does only the bookkeeping (the launch after the last step).
     """
     hw = H * Wd
@@ -276,7 +271,7 @@ def _step_kernel(
     pid_n = tl.program_id(1)
     records = (p0 == 0) & (pid_n == 0)  # the image's first tile writes its per-image results
 
-    act_now = _close_previous_step(img, img < B, records, (tl.program_id(0) + pid_n) == 0, sums_ptr, tot_ptr,
+    act_now = close_previous_step(img, img < B, records, (tl.program_id(0) + pid_n) == 0, sums_ptr, tot_ptr,
                                    active_ptr, its_ptr, res_ptr, B, tol, t, STOP_BATCH)
 
     if COMPUTE:
@@ -290,7 +285,7 @@ def _step_kernel(
                              PRECISION, BLOCK_P, BLOCK_N, BLOCK_K)
             mask = pix_ok[:, None] & (cols < C)[None, :]
             offs = pix[:, None] * C + cols[None, :]
-            x_new = _next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
+            x_new = next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
             diff = x_new - tl.load(x_in + offs, mask=mask, other=0.0)
             diff_sq = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
             norm_sq = tl.sum(tl.sum(x_new * x_new, axis=1), axis=0)
@@ -308,11 +303,11 @@ def _step_kernel(
 
 
 def resolve_precision(precision: Optional[str] = None) -> str:
-    """``dense.resolve_precision`` with torch's float32 *convolution* setting as the default (cuDNN's TF32
-    switch, on unless ``torch.backends.cudnn.allow_tf32 = False`` or
-    ``torch.backends.cudnn.conv.fp32_precision = "ieee"``): a conv solve computes at the precision
-    torch's conv2d would, as the reference's and the CUDA backend's convolutions do."""
-    return dense.resolve_precision(precision, torch_setting=torch_conv_precision)
+    """The ``tl.dot`` input precision of a conv solve (``launch.resolve_precision``) with torch's float32
+    *convolution* setting as the default (cuDNN's TF32 switch, on unless ``torch.backends.cudnn.allow_tf32
+    = False`` or ``torch.backends.cudnn.conv.fp32_precision = "ieee"``): a conv solve computes at the
+    precision torch's conv2d would, as the reference's and the CUDA backend's convolutions do."""
+    return launch.resolve_precision(precision, torch_conv_precision)
 
 
 def choose_path(batch: int, channels: int, height: int, width: int, stop: str = "sample", device=None,
@@ -320,8 +315,8 @@ def choose_path(batch: int, channels: int, height: int, width: int, stop: str = 
     """``"single"`` (one launch per solve) or ``"stepwise"`` (a launch per iteration) for a problem shape.
 
     ``path`` (or ``PCDEQ_TRITON_PATH``) forces one: ``"single"``, ``"stepwise"`` or ``"auto"`` (the
-    default), as in ``dense.choose_path``; ``stop="batch"`` is always stepwise (a whole-batch reduction
-    per iteration).
+    default), as in ``dense.choose_path`` (``launch.requested_path``); ``stop="batch"`` is always
+    stepwise (a whole-batch reduction per iteration).
 
     ``"auto"``: the single launch runs one program per image, each doing ``18 C^2 H W`` flops per
     iteration on one SM; the stepwise loop spreads an iteration over every (image, pixel tile,
@@ -331,46 +326,29 @@ def choose_path(batch: int, channels: int, height: int, width: int, stop: str = 
     every SM two programs (``B >= 2 * SMs``: one's barrier and memory waits overlap the other's
     work); stepwise otherwise (few large images). From this cost model, not from measurements.
     """
-    # The overrides, their validation and stop="batch" are dense's: asked about a shape that it always
-    # runs in one launch (d = 1), it answers "stepwise" only for an override or stop="batch".
-    chosen = dense.choose_path(batch, 1, stop, device, path)
-    if chosen == "split":
-        raise ValueError("the Triton 'split' path (cuBLAS matmul + fused epilogue) is for dense problems; "
-                         "convolutional ones take 'single', 'stepwise' or 'auto'")
-    if chosen != "single" or (path or os.environ.get("PCDEQ_TRITON_PATH") or "auto") != "auto":
-        return chosen
+    path = launch.requested_path(path, stop, split=False)
+    if path != "auto":
+        return path
     flops = 18 * channels * channels * height * width
-    if flops <= SINGLE_LAUNCH_MAX_FLOPS or batch >= 2 * _num_sms(torch.device(device or "cpu")):
+    if flops <= SINGLE_LAUNCH_MAX_FLOPS or batch >= 2 * launch.num_sms(torch.device(device or "cpu")):
         return "single"
     return "stepwise"
 
 
-def _check_inputs(x: Tensor, weight: Tensor, others: dict, tol, max_iter, stop) -> None:
-    """What the kernels assume and cannot check themselves (as ``dense._check_inputs``, for images)."""
-    # Dtypes, devices, tol, max_iter and stop: dense's checks (and messages), run on empty stand-ins
-    # with the tensors' dtypes and devices; the shapes are a convolution's, checked below.
-    def stand_in(t):
-        return None if t is None else t.new_empty((0, 0))
-
-    dense._check_inputs(stand_in(x), stand_in(weight), {k: stand_in(t) for k, t in others.items()},
-                        tol, max_iter, stop)
-    if x.dim() != 4 or tuple(weight.shape) != (x.shape[1], x.shape[1], 3, 3):
-        raise ValueError(
-            f"convolutional solves need x (B, C, H, W) and weight (C, C, 3, 3); got {tuple(x.shape)}, "
-            f"{tuple(weight.shape)}"
-        )
-    for name, t in others.items():
-        if t is not None and t.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
+def _check_inputs(x: Tensor, weight: Tensor, others: dict) -> None:
+    """``launch.check_inputs`` for (B, C, H, W) states and (C, C, 3, 3) kernels, and the 32-bit limits
+    of the conv kernels."""
+    launch.check_inputs(x, weight, others, x_dims=4, taps=(3, 3),
+                        needs="convolutional solves need x (B, C, H, W) and weight (C, C, 3, 3)")
     batch, channels, height, width = x.shape
     # 32-bit offsets inside an image and the packed kernel; per-image buffers (6 B) and the step grid
     # (B * pixel tiles of at least 32) below 2**31.
-    if (channels > MAX_CHANNELS or channels * height * width > MAX_IMAGE or batch > dense.MAX_BATCH
+    if (channels > limits.MAX_CHANNELS or channels * height * width > limits.MAX_IMAGE or batch > limits.MAX_BATCH
             or batch * triton.cdiv(height * width, 32) >= 2**31):
         raise ValueError(
-            f"the Triton conv kernels take C <= {MAX_CHANNELS}, C * H * W < 2**31 and B <= {dense.MAX_BATCH} "
-            f"(32-bit indexing); got B={batch}, C={channels}, H={height}, W={width}: split the batch, or use "
-            "another backend"
+            f"the Triton conv kernels take C <= {limits.MAX_CHANNELS}, C * H * W < 2**31 and B <= "
+            f"{limits.MAX_BATCH} (32-bit indexing); got B={batch}, C={channels}, H={height}, W={width}: split "
+            "the batch, or use another backend"
         )
 
 
@@ -389,24 +367,24 @@ def _operand(weight: Tensor, adjoint: bool):
     return packed[0], c * c, 1, c  # M_t = Wp[t].T
 
 
-def _solve(x0, bias, scale, weight, act_id, tol, max_iter, stop, path, precision, check_every):
+def _solve(x0, bias, scale, weight, it: Iteration, path, precision, check_every):
     """Shared launcher; returns the state as ``torch.empty_like(bias)`` (dtype and memory format)."""
     batch, channels, height, width = bias.shape
     device = bias.device
     precision = resolve_precision(precision)
-    path = choose_path(batch, channels, height, width, stop, device, path)
-    w, stride_wt, stride_wk, stride_wn = _operand(weight, act_id == ADJOINT)
+    path = choose_path(batch, channels, height, width, it.stop, device, path)
+    w, stride_wt, stride_wk, stride_wn = _operand(weight, it.adjoint)
     geometry = (batch, channels, height, width, stride_wt, stride_wk, stride_wn)
     out = torch.empty_like(bias)
     x0, bias, scale = _nhwc(x0), _nhwc(bias), _nhwc(scale)
     if scale is None:
         scale = bias  # the forward epilogue never reads it
     if path == "stepwise":
-        x, its, res, conv = _solve_stepwise(x0, bias, scale, w, act_id, tol, max_iter, stop, precision,
-                                            _check_every(check_every), geometry)
+        x, its, res, conv = _solve_stepwise(x0, bias, scale, w, it, precision, launch.check_every(check_every),
+                                            geometry)
         out.copy_(x.permute(0, 3, 1, 2))
         return out, its, res, conv
-    its, res, conv = _stats(batch, device)
+    its, res, conv = launch.stats(batch, device)
     # The kernel writes (B, H, W, C): straight into a channels_last result, else into a staging buffer.
     target = out.permute(0, 2, 3, 1)
     staged = not target.is_contiguous()
@@ -416,15 +394,15 @@ def _solve(x0, bias, scale, weight, act_id, tol, max_iter, stop, path, precision
     with launching(device):
         _solve_scratch_kernel[(batch,)](
             bias if x0 is None else x0, bias, scale, w, buf, target, its, res, conv,
-            batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(tol), int(max_iter),
-            ACT=act_id, HAS_X0=x0 is not None, PRECISION=precision,
+            batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(it.tol), int(it.max_iter),
+            ACT=it.map_id, HAS_X0=x0 is not None, PRECISION=precision,
         )
     if staged:
         out.copy_(target.permute(0, 3, 1, 2))
     return out, its, res, conv
 
 
-def _launch_step(x_in, x_out, bias, scale, w, bufs, act_id, geometry, tol, t, stop_batch, compute, precision):
+def _launch_step(x_in, x_out, bias, scale, w, bufs, map_id, geometry, tol, t, stop_batch, compute, precision):
     batch, channels, height, width, stride_wt, stride_wk, stride_wn = geometry
     sums, tot, active, its, res = bufs
 
@@ -436,79 +414,64 @@ def _launch_step(x_in, x_out, bias, scale, w, bufs, act_id, geometry, tol, t, st
         _step_kernel[grid](
             x_in, x_out, bias, scale, w, sums, tot, active, its, res,
             batch, channels, height, width, stride_wt, stride_wk, stride_wn, float(tol), int(t),
-            ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
+            ACT=map_id, STOP_BATCH=stop_batch, COMPUTE=compute, PRECISION=precision,
         )
 
 
-def _solve_stepwise(x0, bias, scale, w, act_id, tol, max_iter, stop, precision, check_every, geometry):
-    """The host loop of step launches on NHWC tensors; returns the float32 NHWC state and the stats."""
-    batch = bias.shape[0]
-    x = dense.state_planes(bias.shape, bias.device)
-    if x0 is not None:
-        x[0].copy_(x0)
-    elif act_id == ADJOINT:
-        torch.mul(scale.float(), bias.float(), out=x[0])
-    else:
-        x[0].zero_()
-    bufs = dense._step_buffers(batch, bias.device)
+def _solve_stepwise(x0, bias, scale, w, it: Iteration, precision, check_every, geometry):
+    """The host loop of step launches (``launch.run_steps``) on NHWC tensors; returns the float32 NHWC
+    state and the stats."""
+    x = launch.state_planes(bias.shape, bias.device)
+    launch.start_state(x[0], x0, bias, scale, it.map_id)
+    bufs = launch.step_buffers(bias.shape[0], bias.device)
     _, _, active, its, res = bufs
-    stop_batch = stop == "batch"
-    steps = 0
-    for t in range(max_iter):
-        _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, w, bufs, act_id, geometry, tol, t, stop_batch, True,
-                     precision)
-        steps = t + 1
-        # active[t % 2] = images still iterating at the start of step t: when none is, the steps since
-        # did nothing and we are done. Reading it is the only host synchronisation.
-        if steps % check_every == 0 and steps < max_iter and not bool(active[t % 2].any()):
-            break
-    # Bookkeeping of the last step (its residuals, counts and freezes), no convolution.
-    _launch_step(x[0], x[1], bias, scale, w, bufs, act_id, geometry, tol, steps, stop_batch, False, precision)
-    # Image b iterated during exactly its first its[b] steps, step s writing plane (s + 1) % 2.
+
+    def step(t, compute):
+        _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, w, bufs, it.map_id, geometry, it.tol, t, it.batch_stop,
+                     compute, precision)
+
+    steps = launch.run_steps(step, it.max_iter, check_every, active)
+    # Image b iterated during exactly its first its[b] steps, step s writing plane (s + 1) % 2 (a frozen
+    # image's programs write nothing).
     final = torch.where((its % 2 == 1).view(-1, 1, 1, 1), x[1], x[0])
     return final, its, res, active[steps % 2] == 0
 
 
-def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str, tol: float = 1e-4,
-                  max_iter: int = 200, stop: str = "sample", *, path: Optional[str] = None,
+def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: SolveSpec, *, path: Optional[str] = None,
                   precision: Optional[str] = None, check_every: Optional[int] = None):
-    """Solve ``z = act(conv2d(z, W, padding=1) + u)`` from ``z0`` (default 0), u (B, C, H, W), W (C, C, 3, 3).
+    """Solve ``z = act(conv2d(z, W, padding=1) + u)`` from ``z0`` (default 0), u (B, C, H, W), W (C, C, 3, 3),
+    by ``spec`` (its activation, ``tol``, ``max_iter`` and ``stop``).
 
     Returns ``(z* in u.dtype and u's memory format, iterations int32, residual float32, converged
     bool)``, each per image, with the semantics of ``reference.forward_solve``. ``path``: see
     ``choose_path``; ``precision``: see ``resolve_precision``; ``check_every``: how many steps the
-    stepwise loop runs between host reads of the convergence flags (``PCDEQ_TRITON_CHECK_EVERY``, 8).
+    stepwise loop runs between host reads of the convergence flags (``launch.check_every``).
     """
-    act_id = get_activation(activation).kernel_id
-    _check_inputs(u, weight, {"z0": z0}, tol, max_iter, stop)
-    if u.numel() == 0:  # nothing to launch; the reference defines what an empty solve returns
-        return reference.forward_solve(u, weight, activation, tol=tol, max_iter=max_iter, stop=stop, z0=z0)
-    return _solve(z0, u, None, weight, act_id, tol, max_iter, stop, path, precision, check_every)
+    it = launch.iteration(spec, adjoint=False)
+    _check_inputs(u, weight, {"z0": z0})
+    return _solve(z0, u, None, weight, it, path, precision, check_every)
 
 
-def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, tol: float = 1e-4, max_iter: int = 200,
-                  stop: str = "sample", *, path: Optional[str] = None, precision: Optional[str] = None,
-                  check_every: Optional[int] = None):
-    """Solve ``h = D * (conv_transpose2d(h, W, padding=1) + v)`` from ``h_0 = D * v``; returns as
-    ``forward_solve`` (h* in v.dtype and v's memory format)."""
-    _check_inputs(v, weight, {"D": D}, tol, max_iter, stop)
-    if v.numel() == 0:
-        return reference.adjoint_solve(v, weight, D, tol=tol, max_iter=max_iter, stop=stop)
-    return _solve(None, v, D, weight, ADJOINT, tol, max_iter, stop, path, precision, check_every)
+def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, spec: SolveSpec, *, path: Optional[str] = None,
+                  precision: Optional[str] = None, check_every: Optional[int] = None):
+    """Solve ``h = D * (conv_transpose2d(h, W, padding=1) + v)`` from ``h_0 = D * v`` by ``spec``'s adjoint
+    stopping rule (``backward_tol``, ``backward_max_iter``, ``stop``); returns as ``forward_solve`` (h* in
+    v.dtype and v's memory format)."""
+    it = launch.iteration(spec, adjoint=True)
+    _check_inputs(v, weight, {"D": D})
+    return _solve(None, v, D, weight, it, path, precision, check_every)
 
 
-def _step(x, bias, scale, weight, act_id, precision):
+def _step(x, bias, scale, weight, map_id, precision):
     batch, channels, height, width = bias.shape
     out = torch.empty_like(bias, dtype=torch.float32)
-    bufs = dense._step_buffers(batch, bias.device)
-    if bias.numel() != 0:
-        w, *strides = _operand(weight, act_id == ADJOINT)
-        x_out = torch.empty((batch, height, width, channels), dtype=torch.float32, device=bias.device)
-        nhwc_bias = _nhwc(bias)
-        _launch_step(_nhwc(x.float()), x_out, nhwc_bias, nhwc_bias if scale is None else _nhwc(scale), w, bufs,
-                     act_id, (batch, channels, height, width, *strides), 1.0, 0, False, True,
-                     resolve_precision(precision))
-        out.copy_(x_out.permute(0, 3, 1, 2))
+    bufs = launch.step_buffers(batch, bias.device)
+    w, *strides = _operand(weight, map_id == ADJOINT_ID)
+    x_out = torch.empty((batch, height, width, channels), dtype=torch.float32, device=bias.device)
+    nhwc_bias = _nhwc(bias)
+    _launch_step(_nhwc(x.float()), x_out, nhwc_bias, nhwc_bias if scale is None else _nhwc(scale), w, bufs,
+                 map_id, (batch, channels, height, width, *strides), 1.0, 0, False, True, resolve_precision(precision))
+    out.copy_(x_out.permute(0, 3, 1, 2))
     sums = bufs[0]
     return out, sums[0, 0], sums[0, 1]
 
@@ -516,23 +479,24 @@ def _step(x, bias, scale, weight, act_id, precision):
 def forward_step(z: Tensor, u: Tensor, weight: Tensor, activation: str, *, precision: Optional[str] = None):
     """One fused step: ``(z_next = act(conv2d(z, W, padding=1) + u), ||z_next - z||^2, ||z_next||^2)``, the
     norms per image; float32, z_next in u's memory format."""
-    act_id = get_activation(activation).kernel_id
-    _check_inputs(u, weight, {"z": z}, 1.0, 1, "sample")
-    return _step(z, u, None, weight, act_id, precision)
+    map_id = launch.map_id(activation)
+    _check_inputs(u, weight, {"z": z})
+    return _step(z, u, None, weight, map_id, precision)
 
 
 def adjoint_step(h: Tensor, v: Tensor, weight: Tensor, D: Tensor, *, precision: Optional[str] = None):
     """One fused adjoint step: ``(h_next = D * (conv_transpose2d(h, W, padding=1) + v), ||h_next - h||^2,
     ||h_next||^2)``, as ``forward_step``."""
-    _check_inputs(v, weight, {"h": h, "D": D}, 1.0, 1, "sample")
-    return _step(h, v, D, weight, ADJOINT, precision)
+    map_id = launch.map_id(None)
+    _check_inputs(v, weight, {"h": h, "D": D})
+    return _step(h, v, D, weight, map_id, precision)
 
 
 # ------------------------------------------------------------------------------- ahead-of-time compiles
 
-# Arguments by role, for compiling without a GPU: dense's table plus the image geometry and the tap
-# stride (+-C^2, never 1). "W1": the weight stride that is 1 (stride_wk forward, stride_wn adjoint).
-_ARG_TYPES = {**dense._ARG_TYPES, "C": "i32", "H": "i32", "Wd": "i32", "stride_wt": "i32"}
+# Arguments by role, for compiling without a GPU: the roles both kernel families share (``aot.ARG_TYPES``)
+# plus the image geometry and the tap stride (+-C^2, never 1).
+_ARG_TYPES = {**aot.ARG_TYPES, "C": "i32", "H": "i32", "Wd": "i32", "stride_wt": "i32"}
 KERNELS = {"scratch": _solve_scratch_kernel, "step": _step_kernel}
 CONFIGS = {"scratch": SCRATCH_CONFIGS, "step": STEP_CONFIGS}
 
@@ -546,28 +510,28 @@ def aot_variants(kernel: str, precision: str, *, channels: int = 256, pixels: in
 def aot_plan(full: bool = False) -> list[dict]:
     """Keyword sets for ``aot_compile`` that cover every kernel configuration a launch can compile.
 
-    ``full=True``: the whole product: capability x precision x kernel x pruned config x epilogue (the
-    four activations and the adjoint) x operand dtype x ``aligned``, and the step kernel's three
-    variants, the scratch kernel's two (``has_x0``: z0 given or not): 1620 compiles. The default, 94:
+    ``full=True``: the whole product: capability x precision x kernel x pruned config x epilogue (every
+    map of the table, ``map_ids()``: the adjoint and each activation) x operand dtype x ``aligned``, and
+    the step kernel's three variants, the scratch kernel's two (``has_x0``: z0 given or not): 1620
+    compiles with the table's five maps. The default, 94:
     every (capability, precision, kernel, config) with the adjoint epilogue in float32 (it loads D as
-    well as v) and tanh in bfloat16, the latter also aligned; plus, on sm_90 under "ieee", every epilogue in float32 and bfloat16 for each kernel's first
-    config (float16 operands compile as bfloat16 ones do: 16-bit loads converted in registers); the
-    step kernel in its largest variant (stop="batch", with the convolution); the scratch kernel also
-    given z0 in its aligned tanh bfloat16 compiles.
+    well as v) and tanh in bfloat16, the latter also aligned; plus, on sm_90 under "ieee", every
+    epilogue in float32 and bfloat16 for each kernel's first config (float16 operands compile as
+    bfloat16 ones do: 16-bit loads converted in registers); the step kernel in its largest variant
+    (stop="batch", with the convolution); the scratch kernel also given z0 in its aligned tanh bfloat16
+    compiles.
     """
-    epilogues = (ADJOINT, 0, 1, 2, 3)
+    epilogues = map_ids().values()
+    tanh = map_ids()["tanh"]
     everything = [(act, dt, al) for act in epilogues for dt in aot.TRITON_DTYPES for al in (False, True)]
-    base = [(ADJOINT, torch.float32, False), (0, torch.bfloat16, False), (0, torch.bfloat16, True)]
+    base = [(ADJOINT_ID, torch.float32, False), (tanh, torch.bfloat16, False), (tanh, torch.bfloat16, True)]
     sweep = base + [(act, dt, False) for act in epilogues for dt in (torch.float32, torch.bfloat16)
                     if (act, dt, False) not in base]
     plan = []
-    for capability in dense.AOT_CAPABILITIES:
-        for precision in dense.PRECISIONS:
+    for capability in aot.CAPABILITIES:
+        for precision in launch.PRECISIONS:
             for kernel in KERNELS:
-                if kernel == "step":
-                    variants = [dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False))]
-                else:
-                    variants = [dict(has_x0=False), dict(has_x0=True)]
+                variants = list(aot.STEP_VARIANTS if kernel == "step" else aot.SOLVE_VARIANTS)
                 variants = variants if full else variants[:1]
                 for i, config in enumerate(aot_variants(kernel, precision)):
                     if full:
@@ -600,6 +564,5 @@ def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precisi
         constexprs.update(HAS_X0=has_x0)
     else:
         constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute)
-    unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
-    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, unit_stride, dtype, config, capability,
-                           divisible=_SHAPE_ARGS if aligned else ())
+    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, dtype, config, capability,
+                               divisible=_SHAPE_ARGS if aligned else ())

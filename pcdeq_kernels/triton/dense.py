@@ -6,8 +6,10 @@ Both solves are one kernel shape, ``x_{k+1} = epilogue(x_k @ M + bias)`` with a 
     adjoint   h_{k+1} = D * (h_k @ W + v)          M[k, n] = W[k, n]   epilogue D * (.)  (ACT = ADJOINT)
 
 so every kernel takes the operand ``M`` as ``w_ptr`` plus two strides (``M[k, n]`` lives at
-``w_ptr + k * stride_wk + n * stride_wn``) and a ``tl.constexpr`` epilogue id: the activation's
-``kernel_id`` from ``activations.py`` for the forward map, ``ADJOINT`` (-1) for the adjoint. The state
+``w_ptr + k * stride_wk + n * stride_wn``) and a ``tl.constexpr`` epilogue id from the map table
+(``activations.map_ids()``): the activation's ``kernel_id`` for the forward map, ``ADJOINT_ID`` for the
+adjoint (``epilogue.ADJOINT`` in jit code). The launchers take a ``SolveSpec`` and turn it into the
+iteration they run (``launch.iteration``: the id, checked against the table, and the stopping rule). The state
 and every accumulation are float32 whatever the operands' dtype (fp32, fp16, bf16: loaded as they are,
 converted in registers), exactly as ``reference.py`` solves half-precision inputs in float32.
 
@@ -54,46 +56,20 @@ compile without register spills for sm_80 and sm_90 under Triton 3.6, 3.8 and 3.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import threading
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime import driver
 
-from .. import reference
-from ..activations import get_activation
+from ..activations import ADJOINT_ID, map_ids
 from ..precision import torch_matmul_precision
-from . import aot
+from ..spec import SolveSpec
+from . import aot, launch, limits
+from .epilogue import ADJOINT, any_set, close_previous_step, epilogue, initial_state, next_state, relative_residual
+from .launch import PRECISIONS, Iteration, arg, autotuned, benchmark, launching, make_configs, tuned
 
-# The map's epilogue and the residual, shared with the convolutional kernels (conv.py).
-from .epilogue import (  # noqa: F401
-    ADJOINT, _activation, _any, _close_previous_step, _epilogue, _initial_state, _next_state, _relative_residual,
-)
-
-
-def _interpreting() -> bool:
-    """Whether Triton's CPU interpreter is on (read the way Triton reads ``TRITON_INTERPRET``)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# Decided once, when the kernels below are defined: @triton.jit builds interpreter objects or compiled
-# kernels at decoration time, so switching TRITON_INTERPRET later has no effect on this module.
-INTERPRETED = _interpreting()
-
-SOLVE_PATHS = ("auto", "single", "stepwise", "split")
-PRECISIONS = ("ieee", "tf32")
-DEFAULT_CHECK_EVERY = 8
-MAX_DIM = 46340  # d * d < 2**31: W is indexed with 32-bit offsets
-MAX_BATCH = 2**28  # 6 * B < 2**31: the stepwise path's per-row buffers are indexed with 32-bit offsets
 # "auto" uses the single-launch kernels up to this d even when the row blocks alone cannot fill the
 # GPU: below it one program's iteration (2 * BLOCK_B * d^2 flops) costs about what a launch does.
 SINGLE_LAUNCH_MAX_DIM = 512
@@ -102,26 +78,8 @@ SINGLE_LAUNCH_MAX_DIM = 512
 # --------------------------------------------------------------------------------------------- configs
 
 
-def _configs(entries, names):
-    """triton.Config list from tuples ``(*block sizes, num_warps, num_stages[, maxnreg])``."""
-    configs = []
-    for e in entries:
-        num_warps, num_stages, *maxnreg = e[len(names):]
-        configs.append(triton.Config(dict(zip(names, e[:len(names)])), num_warps=num_warps, num_stages=num_stages,
-                                     maxnreg=maxnreg[0] if maxnreg else None))
-    return configs
-
-
-def _tuned(configs):
-    """The configs a kernel's autotuner gets. The interpreter runs only the first config anyway; giving
-    it only that one also skips the autotuner's benchmarking (and makes the tiles it tests the ones
-    listed first: small, so that small test problems still span several tiles). Tests of the other
-    configs force them one at a time (an autotuner with one config launches it as it is)."""
-    return configs[:1] if INTERPRETED else configs
-
-
 # (BLOCK_B, num_warps, num_stages); pruned by _onchip_fits.
-ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 16, 1), (16, 16, 1)], ("BLOCK_B",))
+ONCHIP_CONFIGS = make_configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 16, 1), (16, 16, 1)], ("BLOCK_B",))
 # (BLOCK_B, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K = 16 serves PRECISION="ieee": Triton's
 # fp32 FMA dot holds each thread's slice of both operands for the whole K block in registers, which
 # spills beyond 16; the tensor-core ("tf32") configs take 32 (_tile_candidates). Every config listed
@@ -134,12 +92,12 @@ ONCHIP_CONFIGS = _configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (32, 
 # 32 x 128. The 16-warp scratch tile says maxnreg=128, which is all a 512-thread block can have anyway:
 # left to itself, ptxas aims at two blocks per SM (64 registers) when B and d are multiples of 16, and
 # spills 24 to 40 bytes. (32 x 64 over 16 warps still spills 8 bytes at 128 registers under 3.6.)
-SCRATCH_CONFIGS = _configs(
+SCRATCH_CONFIGS = make_configs(
     [(16, 64, 32, 4, 2), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
      (16, 128, 16, 16, 1, 128), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
 )
-STEP_CONFIGS = _configs(
+STEP_CONFIGS = make_configs(
     [(16, 64, 32, 4, 3), (16, 128, 32, 16, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
      (16, 64, 16, 4, 3), (32, 64, 16, 8, 3), (64, 64, 16, 8, 3), (32, 128, 16, 8, 3)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
@@ -179,10 +137,6 @@ def _onchip_fits(block_b: int, d_pad: int, num_warps: int, precision: str) -> bo
     return (block_b, num_warps) in _ONCHIP_FITS.get((precision, d_pad), ())
 
 
-def _arg(named_args, kwargs, name):
-    return named_args[name] if name in named_args else kwargs[name]
-
-
 def _rows_pruned(configs, batch):
     """Drop configs whose row block is much larger than the batch (all padding); keep at least one."""
     wanted = max(16, triton.next_power_of_2(max(batch, 1)))
@@ -191,44 +145,15 @@ def _rows_pruned(configs, batch):
 
 
 def _onchip_candidates(configs, named_args, **kwargs):
-    d_pad, precision = _arg(named_args, kwargs, "D_PAD"), _arg(named_args, kwargs, "PRECISION")
+    d_pad, precision = arg(named_args, kwargs, "D_PAD"), arg(named_args, kwargs, "PRECISION")
     fits = [c for c in configs if _onchip_fits(c.kwargs["BLOCK_B"], d_pad, c.num_warps, precision)]
-    return _rows_pruned(fits or configs[:1], _arg(named_args, kwargs, "B"))
+    return _rows_pruned(fits or configs[:1], arg(named_args, kwargs, "B"))
 
 
 def _tile_candidates(configs, named_args, **kwargs):
-    ieee = _arg(named_args, kwargs, "PRECISION") == "ieee"
+    ieee = arg(named_args, kwargs, "PRECISION") == "ieee"
     kept = [c for c in configs if (c.kwargs["BLOCK_K"] <= 16) == ieee]
-    return _rows_pruned(kept or configs[:1], _arg(named_args, kwargs, "B"))
-
-
-def autotuning() -> bool:
-    """Whether launches autotune (``PCDEQ_TRITON_AUTOTUNE``: ``1``, the default, or ``0``). With ``0`` each
-    launch takes the first config that suits it, without compiling and timing the others: for test runs
-    on a GPU, where every variant's configs would cost minutes of compiling."""
-    value = os.environ.get("PCDEQ_TRITON_AUTOTUNE") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"PCDEQ_TRITON_AUTOTUNE must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
-def autotuned(candidates):
-    """An ``early_config_prune`` from a filter of the configs that suit a launch: all of them, for the
-    autotuner to time, or only the first when ``autotuning()`` is off."""
-    def prune(configs, named_args, **kwargs):
-        kept = candidates(configs, named_args, **kwargs)
-        return kept if autotuning() else kept[:1]
-
-    return prune
-
-
-def benchmark(kernel_call, quantiles):
-    """The autotuners' timer (their ``do_bench``). With autotuning off the prune leaves one config, which
-    Triton 3.8+ launches untimed; Triton 3.6 times even a lone config (warm-up, repetitions, an L2 flush
-    per run: 0.1 to 0.3 s per shape, many times that under compute-sanitizer), so here it is not run."""
-    if not autotuning():
-        return [0.0] * len(quantiles)
-    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+    return _rows_pruned(kept or configs[:1], arg(named_args, kwargs, "B"))
 
 
 _prune_onchip = autotuned(_onchip_candidates)
@@ -242,7 +167,7 @@ _prune_tiles = autotuned(_tile_candidates)
 # the registers. Tiles needed only by the epilogue are loaded after the K loop, for the same reason.
 
 
-@triton.autotune(configs=_tuned(ONCHIP_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
+@triton.autotune(configs=tuned(ONCHIP_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_onchip}, do_bench=benchmark)
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_onchip_kernel(
@@ -262,11 +187,11 @@ def _solve_onchip_kernel(
     offs = lrows[:, None] * d + cols[None, :]
 
     bias = tl.load(bias_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == -1:
+    if ACT == ADJOINT:
         scale = tl.load(scale_ptr + first + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         scale = bias  # unused by the forward epilogue
-    x = _initial_state(x0_ptr + first, bias_ptr + first, scale_ptr + first, offs, mask, HAS_X0, ACT, BLOCK_B, D_PAD)
+    x = initial_state(x0_ptr + first, bias_ptr + first, scale_ptr + first, offs, mask, HAS_X0, ACT, BLOCK_B, D_PAD)
     # The operand is loop-invariant: loaded once (the compiler keeps it in shared memory), zero outside
     # (d, d) so that padded columns contribute nothing.
     w = tl.load(
@@ -278,13 +203,13 @@ def _solve_onchip_kernel(
     its = tl.zeros((BLOCK_B,), dtype=tl.int32)
     res = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
     k = 0
-    go = (k < max_iter) & _any(active)
+    go = (k < max_iter) & any_set(active)
     while go:
         acc = tl.dot(x, w, input_precision=PRECISION)
         # Padded columns must stay 0: the epilogue of 0 is not 0 for sigmoid (0.5).
-        x_new = tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+        x_new = tl.where(mask, epilogue(acc, bias, scale, ACT), 0.0)
         diff = x_new - x
-        r = _relative_residual(tl.sum(diff * diff, axis=1), tl.sum(x_new * x_new, axis=1))
+        r = relative_residual(tl.sum(diff * diff, axis=1), tl.sum(x_new * x_new, axis=1))
         # reference.iterate: rows active before this step take the new state, residual and count;
         # then rows with r < tol stop (written so that a NaN residual never counts as converged).
         x = tl.where(active[:, None], x_new, x)
@@ -292,7 +217,7 @@ def _solve_onchip_kernel(
         its += active.to(tl.int32)
         active = active & ~(r < tol)
         k += 1
-        go = (k < max_iter) & _any(active)
+        go = (k < max_iter) & any_set(active)
 
     tl.store(out_ptr + first + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(its_ptr + row0 + lrows, its, mask=row_ok)
@@ -319,7 +244,7 @@ def _matmul_tile(a_ptr, w_ptr, row_ok, cols_n, d, stride_wk, stride_wn, PRECISIO
     return acc
 
 
-@triton.autotune(configs=_tuned(SCRATCH_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
+@triton.autotune(configs=tuned(SCRATCH_CONFIGS), key=["B", "d", "PRECISION", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark)
 @triton.jit(do_not_specialize=["max_iter"])
 def _solve_scratch_kernel(
@@ -346,7 +271,7 @@ def _solve_scratch_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < d)[None, :]
         offs = lrows[:, None] * d + cols[None, :]
-        x = _initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0, ACT, BLOCK_B, BLOCK_N)
+        x = initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0, ACT, BLOCK_B, BLOCK_N)
         tl.store(buf_ptr + offs, x, mask=mask)
     tl.debug_barrier()
 
@@ -354,7 +279,7 @@ def _solve_scratch_kernel(
     its = tl.zeros((BLOCK_B,), dtype=tl.int32)
     res = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
     k = 0
-    go = (k < max_iter) & _any(active)
+    go = (k < max_iter) & any_set(active)
     while go:
         src = buf_ptr + (k % 2) * plane
         dst = buf_ptr + ((k + 1) % 2) * plane
@@ -365,19 +290,19 @@ def _solve_scratch_kernel(
             acc = _matmul_tile(src, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
             mask = row_ok[:, None] & (cols < d)[None, :]
             offs = lrows[:, None] * d + cols[None, :]
-            x_new = _next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT)
+            x_new = next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT)
             x_old = tl.load(src + offs, mask=mask, other=0.0)
             diff = x_new - x_old
             diff_sq += tl.sum(diff * diff, axis=1)
             norm_sq += tl.sum(x_new * x_new, axis=1)
             # Frozen rows carry their state over, so the newest plane always holds every row.
             tl.store(dst + offs, tl.where(active[:, None], x_new, x_old), mask=mask)
-        r = _relative_residual(diff_sq, norm_sq)
+        r = relative_residual(diff_sq, norm_sq)
         res = tl.where(active, r, res)
         its += active.to(tl.int32)
         active = active & ~(r < tol)
         k += 1
-        go = (k < max_iter) & _any(active)
+        go = (k < max_iter) & any_set(active)
         # The next iteration reads what other threads of this program just wrote to dst.
         tl.debug_barrier()
 
@@ -394,7 +319,7 @@ def _solve_scratch_kernel(
 
 
 @triton.autotune(
-    configs=_tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT", "FUSED_MATMUL"],
+    configs=tuned(STEP_CONFIGS), key=["B", "d", "PRECISION", "ACT", "FUSED_MATMUL"],
     prune_configs_by={"early_config_prune": _prune_tiles}, do_bench=benchmark,
     # Benchmarking re-runs the launch: restore what it accumulates (atomics, the iteration counter).
     restore_value=["sums_ptr", "tot_ptr", "its_ptr"],
@@ -409,7 +334,7 @@ def _step_kernel(
     """Step ``t`` of the stepwise solve on a (row block, column tile) grid, plus the bookkeeping of step t-1.
 
     Buffers (initialised by the launcher; both ``active`` slots start at 1): ``sums``, ``tot`` and
-    ``active`` as ``_close_previous_step`` describes them, with rows for samples; this launch adds row
+    ``active`` as ``close_previous_step`` describes them, with rows for samples; this launch adds row
     block x column tile's squared norms into slot ``t % 3``. ``COMPUTE=False`` does only the
     bookkeeping (the launch after the last step). ``FUSED_MATMUL=False`` (the split path) reads
     ``x_in @ M``, computed before the launch, from ``pre`` (float32 (B, d)) instead of computing it.
@@ -423,7 +348,7 @@ def _step_kernel(
     # combining with vector masks: the interpreter turns bool-vector & bool-scalar into integers.)
     records = row_ok & ((rows * 0 + pid_n) == 0)
 
-    act_now = _close_previous_step(rows, row_ok, records, (pid_b + pid_n) == 0, sums_ptr, tot_ptr, active_ptr,
+    act_now = close_previous_step(rows, row_ok, records, (pid_b + pid_n) == 0, sums_ptr, tot_ptr, active_ptr,
                                    its_ptr, res_ptr, B, tol, t, STOP_BATCH)
 
     if COMPUTE:
@@ -432,13 +357,13 @@ def _step_kernel(
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols < d)[None, :]
         offs = lrows[:, None] * d + cols[None, :]
-        if _any(act_now):
+        if any_set(act_now):
             if FUSED_MATMUL:
                 acc = _matmul_tile(x_in_ptr + first, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION,
                                    BLOCK_B, BLOCK_N, BLOCK_K)
             else:
                 acc = tl.load(pre_ptr + first + offs, mask=mask, other=0.0)
-            x_new = _next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
+            x_new = next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
             x = tl.load(x_in_ptr + first + offs, mask=mask, other=0.0)
             diff = x_new - x
             diff_sq = tl.sum(diff * diff, axis=1)
@@ -460,44 +385,12 @@ def _step_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
-# Triton's autotuner keeps a launch's arguments, and while it benchmarks the saved copies of the buffers
-# it restores, on the kernel object that every caller shares: launches from several host threads at
-# once (DataParallel replicas, serving threads) could mix them up, so they take turns. And a launch
-# runs on the current CUDA device and its current stream, whatever device its tensors are on.
-_LAUNCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def launching(device: torch.device):
-    """The context of every kernel launch: one launch at a time, on ``device`` (the tensors' GPU)."""
-    with _LAUNCH_LOCK, torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        yield
-
-
-def resolve_precision(precision: Optional[str] = None, torch_setting=torch_matmul_precision) -> str:
-    """The ``tl.dot`` input precision for float32 matmuls: ``"ieee"`` (exact fp32) or ``"tf32"``.
-
-    ``precision`` overrides; else the environment variable ``PCDEQ_TRITON_PRECISION``; else torch's
-    setting, read by ``torch_matmul_precision`` from either of torch's APIs: exact fp32 (torch's
-    default, ``"highest"``) gives ``"ieee"``, TF32 (``"high"``/``"medium"``, or
-    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) gives ``"tf32"``. Half-precision operands
-    are converted to float32 in registers and go through the same dot (fp16 and bf16 values are exact
-    in tf32, so only the float32 state is rounded under ``"tf32"``). ``torch_setting``: which of torch's
-    settings gives the default (convolutions pass ``torch_conv_precision``).
-    """
-    if precision is None:
-        precision = os.environ.get("PCDEQ_TRITON_PRECISION") or None
-    if precision is None:
-        return torch_setting()
-    if precision not in PRECISIONS:
-        raise ValueError(f"input precision must be one of {PRECISIONS}, got {precision!r}")
-    return precision
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+def resolve_precision(precision: Optional[str] = None) -> str:
+    """The ``tl.dot`` input precision of a dense solve (``launch.resolve_precision``): ``precision``, else
+    ``PCDEQ_TRITON_PRECISION``, else torch's float32 matmul setting, read by ``torch_matmul_precision``
+    from either of torch's APIs: exact fp32 (torch's default, ``"highest"``) gives ``"ieee"``, TF32
+    (``"high"``/``"medium"``, or ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) gives ``"tf32"``."""
+    return launch.resolve_precision(precision, torch_matmul_precision)
 
 
 def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: Optional[str] = None) -> str:
@@ -507,10 +400,11 @@ def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: O
     ``path`` (or the environment variable ``PCDEQ_TRITON_PATH``) forces one: ``"single"``,
     ``"stepwise"``, ``"split"`` or ``"auto"`` (the default). ``stop="batch"`` is always stepwise (or
     split): its stopping rule is a reduction over all row blocks, which one launch cannot make without a
-    grid-wide barrier. ``"split"`` is the stepwise loop with each step's matmul done by ``torch.mm``
-    (cuBLAS: large tiles, TMA) and the step kernel as its fused epilogue, at the price of writing and
-    reading the (B, d) product once more per step; "auto" does not pick it yet (no GPU timings to say
-    where it wins: ``python -m pcdeq_kernels.bench --paths official,triton-stepwise,triton-split``).
+    grid-wide barrier (``launch.requested_path``). ``"split"`` is the stepwise loop with each step's
+    matmul done by ``torch.mm`` (cuBLAS: large tiles, TMA) and the step kernel as its fused epilogue, at
+    the price of writing and reading the (B, d) product once more per step; "auto" does not pick it yet
+    (no GPU timings to say where it wins: ``python -m pcdeq_kernels.bench --paths
+    official,triton-stepwise,triton-split``).
 
     ``"auto"``: a single launch runs one program per 16 rows (the smallest row block), each doing
     ``2 * 16 * d^2`` flops per iteration; the stepwise loop spreads an iteration over row blocks *and*
@@ -519,90 +413,33 @@ def choose_path(batch: int, dim: int, stop: str = "sample", device=None, path: O
     row blocks alone fill the GPU's SMs; stepwise otherwise (few rows, wide layers). This threshold
     comes from that cost model, not from measurements.
     """
-    if path is None:
-        path = os.environ.get("PCDEQ_TRITON_PATH") or "auto"
-    if path not in SOLVE_PATHS:
-        raise ValueError(f"Triton solve path must be one of {SOLVE_PATHS}, got {path!r}")
-    if stop == "batch":
-        if path == "single":
-            raise ValueError("stop='batch' needs the stepwise path (a whole-batch reduction per iteration)")
-        return "split" if path == "split" else "stepwise"
+    path = launch.requested_path(path, stop, split=True)
     if path != "auto":
         return path
-    if dim <= SINGLE_LAUNCH_MAX_DIM or triton.cdiv(batch, 16) >= _num_sms(torch.device(device or "cpu")):
+    if dim <= SINGLE_LAUNCH_MAX_DIM or triton.cdiv(batch, 16) >= launch.num_sms(torch.device(device or "cpu")):
         return "single"
     return "stepwise"
 
 
-def _check_every(check_every: Optional[int]) -> int:
-    if check_every is None:
-        check_every = int(os.environ.get("PCDEQ_TRITON_CHECK_EVERY") or DEFAULT_CHECK_EVERY)
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
-    return check_every
-
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_inputs(x: Tensor, weight: Tensor, others: dict, tol, max_iter, stop) -> None:
-    """What the kernels assume and cannot check themselves (tl.device_assert is not enforced everywhere)."""
-    for name, t in {"input": x, "weight": weight, **others}.items():
-        if t is None:
-            continue
-        if t.dtype == torch.float64:
-            raise TypeError(
-                f"the Triton backend computes in float32 and does not take float64 ({name}); "
-                "use backend='reference' (or 'cpu') for float64, or cast to float32"
-            )
-        if t.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; the Triton kernels take float16, bfloat16 or float32")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
-    if x.dim() != 2 or weight.dim() != 2 or tuple(weight.shape) != (x.shape[1], x.shape[1]):
-        raise ValueError(f"dense solves need x (B, d) and weight (d, d); got {tuple(x.shape)}, {tuple(weight.shape)}")
+def _check_inputs(x: Tensor, weight: Tensor, others: dict) -> None:
+    """``launch.check_inputs`` for (B, d) states, and the 32-bit limits of the dense kernels."""
+    launch.check_inputs(x, weight, others, x_dims=2, taps=(), needs="dense solves need x (B, d) and weight (d, d)")
     # The kernels index W and a row block with 32-bit offsets, the per-row buffers with 32-bit rows.
-    if x.shape[1] > MAX_DIM or x.shape[0] > MAX_BATCH:
+    if x.shape[1] > limits.MAX_DIM or x.shape[0] > limits.MAX_BATCH:
         raise ValueError(
-            f"the Triton kernels take d <= {MAX_DIM} and B <= {MAX_BATCH} (32-bit indexing); got B={x.shape[0]}, "
-            f"d={x.shape[1]}: split the batch, or use another backend"
+            f"the Triton kernels take d <= {limits.MAX_DIM} and B <= {limits.MAX_BATCH} (32-bit indexing); got "
+            f"B={x.shape[0]}, d={x.shape[1]}: split the batch, or use another backend"
         )
-    for name, t in others.items():
-        if t is not None and t.shape != x.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "Triton kernels run on CUDA tensors; CPU tensors need the interpreter, i.e. TRITON_INTERPRET=1 "
-            "set before pcdeq_kernels.triton.dense is first imported"
-        )
-    if x.device.type not in ("cpu", "cuda"):
-        raise ValueError(
-            f"the Triton backend runs on cuda tensors (or cpu under TRITON_INTERPRET=1), not {x.device.type}"
-        )
-    if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter <= 2**30:
-        raise ValueError(f"max_iter must be an integer in [1, 2**30] (a 32-bit step counter), got {max_iter!r}")
-    if stop not in ("sample", "batch"):
-        raise ValueError(f"stop must be 'sample' or 'batch', got {stop!r}")
 
 
-def _stats(batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    return (
-        torch.empty(batch, dtype=torch.int32, device=device),
-        torch.empty(batch, dtype=torch.float32, device=device),
-        torch.empty(batch, dtype=torch.bool, device=device),
-    )
-
-
-def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path, precision, check_every, transpose):
-    """Shared launcher. ``transpose``: the operand is W.T (forward); else W (adjoint)."""
+def _solve(x0, bias, scale, weight, it: Iteration, path, precision, check_every):
+    """Shared launcher, on contiguous tensors; the operand is W.T for the forward map, W for the adjoint."""
     batch, dim = bias.shape
     device = bias.device
     precision = resolve_precision(precision)
-    path = choose_path(batch, dim, stop, device, path)
+    path = choose_path(batch, dim, it.stop, device, path)
     # M[k, n] = W[n, k] (forward: z @ W.T) or W[k, n] (adjoint: h @ W)
-    stride_wk, stride_wn = (1, dim) if transpose else (dim, 1)
+    stride_wk, stride_wn = (dim, 1) if it.adjoint else (1, dim)
     if scale is None:
         scale = bias  # the forward epilogue never reads it
     if path in ("stepwise", "split"):
@@ -614,52 +451,33 @@ def _solve(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, path
             )
         # the split path's torch.mm operand: M as a float32 matrix (a view when W is float32); detached,
         # since mm(out=) refuses inputs that require grad and the solve is below autograd anyway
-        split_operand = (weight.t() if transpose else weight).detach().float() if path == "split" else None
-        return _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision,
-                               _check_every(check_every), stride_wk, stride_wn, split_operand)
-    out = torch.empty((batch, dim), dtype=out_dtype, device=device)
-    its, res, conv = _stats(batch, device)
+        split_operand = (weight if it.adjoint else weight.t()).detach().float() if path == "split" else None
+        return _solve_stepwise(x0, bias, scale, weight, it, precision, launch.check_every(check_every),
+                               stride_wk, stride_wn, split_operand)
+    out = torch.empty((batch, dim), dtype=bias.dtype, device=device)
+    its, res, conv = launch.stats(batch, device)
     grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]),)  # noqa: E731
     d_pad = max(16, triton.next_power_of_2(dim))  # tl.dot needs every block dimension >= 16
-    common = dict(ACT=act_id, HAS_X0=x0 is not None, PRECISION=precision)
+    common = dict(ACT=it.map_id, HAS_X0=x0 is not None, PRECISION=precision)
     if x0 is None:
         x0 = bias  # a valid pointer the kernel never reads (HAS_X0=False)
     if d_pad <= ONCHIP_MAX_DIM:
         with launching(device):
             _solve_onchip_kernel[grid](
                 x0, bias, scale, weight, out, its, res, conv,
-                batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), D_PAD=d_pad, **common,
+                batch, dim, stride_wk, stride_wn, float(it.tol), int(it.max_iter), D_PAD=d_pad, **common,
             )
     else:
         buf = torch.empty((2, batch, dim), dtype=torch.float32, device=device)
         with launching(device):
             _solve_scratch_kernel[grid](
                 x0, bias, scale, weight, buf, out, its, res, conv,
-                batch, dim, stride_wk, stride_wn, float(tol), int(max_iter), **common,
+                batch, dim, stride_wk, stride_wn, float(it.tol), int(it.max_iter), **common,
             )
     return out, its, res, conv
 
 
-def state_planes(shape, device) -> Tensor:
-    """Two float32 state planes ``(2, *shape)`` for the stepwise loop, each starting on a 128-byte
-    boundary. A launch specialises its pointers on 16-byte alignment: with ``shape`` of a size not
-    divisible by 4, back-to-back planes would compile every step kernel twice and run the odd steps
-    without vectorised loads."""
-    size = math.prod(shape)
-    padded = -(-size // 32) * 32
-    return torch.empty((2, padded), dtype=torch.float32, device=device)[:, :size].view(2, *shape)
-
-
-def _step_buffers(batch, device):
-    sums = torch.zeros((3, 2, batch), dtype=torch.float32, device=device)
-    tot = torch.zeros((3, 2), dtype=torch.float32, device=device)
-    active = torch.ones((2, batch), dtype=torch.int32, device=device)
-    its = torch.zeros(batch, dtype=torch.int32, device=device)
-    res = torch.full((batch,), math.inf, dtype=torch.float32, device=device)
-    return sums, tot, active, its, res
-
-
-def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t, stop_batch,
+def _launch_step(x_in, x_out, bias, scale, weight, bufs, map_id, stride_wk, stride_wn, tol, t, stop_batch,
                  compute, precision, pre=None):
     """One step launch; ``pre`` (the split path): ``x_in @ M`` already computed, the kernel reads it."""
     batch, dim = bias.shape
@@ -672,83 +490,64 @@ def _launch_step(x_in, x_out, bias, scale, weight, bufs, act_id, stride_wk, stri
         _step_kernel[grid](
             x_in, x_out, bias, scale, weight, x_in if pre is None else pre, sums, tot, active, its, res,
             batch, dim, stride_wk, stride_wn, float(tol), int(t),
-            ACT=act_id, STOP_BATCH=stop_batch, COMPUTE=compute, FUSED_MATMUL=pre is None, PRECISION=precision,
+            ACT=map_id, STOP_BATCH=stop_batch, COMPUTE=compute, FUSED_MATMUL=pre is None, PRECISION=precision,
         )
 
 
-def _solve_stepwise(x0, bias, scale, weight, act_id, out_dtype, tol, max_iter, stop, precision, check_every,
-                    stride_wk, stride_wn, split_operand=None):
-    """The host loop of step launches. With ``split_operand`` (M, float32) the split path: each step's
-    matmul is ``torch.mm`` (cuBLAS on a GPU) into a float32 buffer, and the step kernel is its fused
-    epilogue (activation or multiply by D, next state, per-row residual, freezing); else the step
-    kernel computes its tile's matmul itself."""
+def _solve_stepwise(x0, bias, scale, weight, it: Iteration, precision, check_every, stride_wk, stride_wn,
+                    split_operand=None):
+    """The host loop of step launches (``launch.run_steps``). With ``split_operand`` (M, float32) the
+    split path: each step's matmul is ``torch.mm`` (cuBLAS on a GPU) into a float32 buffer, and the step
+    kernel is its fused epilogue (activation or multiply by D, next state, per-row residual, freezing);
+    else the step kernel computes its tile's matmul itself. Frozen rows are carried over, so the newest
+    plane holds every row."""
     batch, dim = bias.shape
-    device = bias.device
-    x = state_planes((batch, dim), device)
-    split = split_operand is not None
-    pre = torch.empty((batch, dim), dtype=torch.float32, device=device) if split else None
-    if x0 is not None:
-        x[0].copy_(x0)
-    elif act_id == ADJOINT:
-        torch.mul(scale.float(), bias.float(), out=x[0])
-    else:
-        x[0].zero_()
-    bufs = _step_buffers(batch, device)
+    x = launch.state_planes((batch, dim), bias.device)
+    pre = None if split_operand is None else torch.empty((batch, dim), dtype=torch.float32, device=bias.device)
+    launch.start_state(x[0], x0, bias, scale, it.map_id)
+    bufs = launch.step_buffers(batch, bias.device)
     _, _, active, its, res = bufs
-    stop_batch = stop == "batch"
-    steps = 0
-    for t in range(max_iter):
-        if split:
+
+    def step(t, compute):
+        if compute and pre is not None:
             torch.mm(x[t % 2], split_operand, out=pre)
-        _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, t,
-                     stop_batch, True, precision, pre)
-        steps = t + 1
-        # active[t % 2] = rows still iterating at the start of step t: when none is, the steps since
-        # only carried states over and we are done. Reading it is the only host synchronisation.
-        if steps % check_every == 0 and steps < max_iter and not bool(active[t % 2].any()):
-            break
-    # Bookkeeping of the last step (its residuals, counts and freezes), no matmul.
-    _launch_step(x[0], x[1], bias, scale, weight, bufs, act_id, stride_wk, stride_wn, tol, steps, stop_batch,
-                 False, precision)
-    return x[steps % 2].to(out_dtype), its, res, active[steps % 2] == 0
+        _launch_step(x[t % 2], x[(t + 1) % 2], bias, scale, weight, bufs, it.map_id, stride_wk, stride_wn, it.tol,
+                     t, it.batch_stop, compute, precision, pre if compute else None)
+
+    steps = launch.run_steps(step, it.max_iter, check_every, active)
+    return x[steps % 2].to(bias.dtype), its, res, active[steps % 2] == 0
 
 
-def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str, tol: float = 1e-4,
-                  max_iter: int = 200, stop: str = "sample", *, path: Optional[str] = None,
+def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: SolveSpec, *, path: Optional[str] = None,
                   precision: Optional[str] = None, check_every: Optional[int] = None):
-    """Solve ``z = act(z @ W.T + u)`` from ``z0`` (default 0). Returns ``(z* in u.dtype, iterations int32,
-    residual float32, converged bool)``, each per row, with the semantics of ``reference.forward_solve``.
+    """Solve ``z = act(z @ W.T + u)`` from ``z0`` (default 0) by ``spec`` (its activation, ``tol``,
+    ``max_iter`` and ``stop``). Returns ``(z* in u.dtype, iterations int32, residual float32, converged
+    bool)``, each per row, with the semantics of ``reference.forward_solve``.
 
     ``path``: see ``choose_path``; ``precision``: see ``resolve_precision``; ``check_every``: how many
-    steps the stepwise loop runs between host reads of the convergence flags (``PCDEQ_TRITON_CHECK_EVERY``,
-    default 8).
+    steps the stepwise loop runs between host reads of the convergence flags (``launch.check_every``).
     """
-    act_id = get_activation(activation).kernel_id
-    _check_inputs(u, weight, {"z0": z0}, tol, max_iter, stop)
-    if u.numel() == 0:  # nothing to launch; the reference defines what an empty solve returns
-        return reference.forward_solve(u, weight, activation, tol=tol, max_iter=max_iter, stop=stop, z0=z0)
-    u, weight = u.contiguous(), weight.contiguous()
+    it = launch.iteration(spec, adjoint=False)
+    _check_inputs(u, weight, {"z0": z0})
     z0 = None if z0 is None else z0.contiguous()
-    return _solve(z0, u, None, weight, act_id, u.dtype, tol, max_iter, stop, path, precision, check_every, True)
+    return _solve(z0, u.contiguous(), None, weight.contiguous(), it, path, precision, check_every)
 
 
-def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, tol: float = 1e-4, max_iter: int = 200,
-                  stop: str = "sample", *, path: Optional[str] = None, precision: Optional[str] = None,
-                  check_every: Optional[int] = None):
-    """Solve ``h = D * (h @ W + v)`` from ``h_0 = D * v``; returns as ``forward_solve`` (h* in v.dtype)."""
-    _check_inputs(v, weight, {"D": D}, tol, max_iter, stop)
-    if v.numel() == 0:
-        return reference.adjoint_solve(v, weight, D, tol=tol, max_iter=max_iter, stop=stop)
-    v, weight, D = v.contiguous(), weight.contiguous(), D.contiguous()
-    return _solve(None, v, D, weight, ADJOINT, v.dtype, tol, max_iter, stop, path, precision, check_every, False)
+def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, spec: SolveSpec, *, path: Optional[str] = None,
+                  precision: Optional[str] = None, check_every: Optional[int] = None):
+    """Solve ``h = D * (h @ W + v)`` from ``h_0 = D * v`` by ``spec``'s adjoint stopping rule
+    (``backward_tol``, ``backward_max_iter``, ``stop``); returns as ``forward_solve`` (h* in v.dtype)."""
+    it = launch.iteration(spec, adjoint=True)
+    _check_inputs(v, weight, {"D": D})
+    return _solve(None, v.contiguous(), D.contiguous(), weight.contiguous(), it, path, precision, check_every)
 
 
-def _step(x, bias, scale, weight, act_id, precision, transpose):
+def _step(x, bias, scale, weight, map_id, precision):
     batch, dim = bias.shape
     x_out = torch.empty((batch, dim), dtype=torch.float32, device=bias.device)
-    bufs = _step_buffers(batch, bias.device)
-    stride_wk, stride_wn = (1, dim) if transpose else (dim, 1)
-    _launch_step(x.float().contiguous(), x_out, bias, bias if scale is None else scale, weight, bufs, act_id,
+    bufs = launch.step_buffers(batch, bias.device)
+    stride_wk, stride_wn = (dim, 1) if map_id == ADJOINT_ID else (1, dim)
+    _launch_step(x.float().contiguous(), x_out, bias, bias if scale is None else scale, weight, bufs, map_id,
                  stride_wk, stride_wn, 1.0, 0, False, True, resolve_precision(precision))
     sums = bufs[0]
     return x_out, sums[0, 0], sums[0, 1]
@@ -756,30 +555,23 @@ def _step(x, bias, scale, weight, act_id, precision, transpose):
 
 def forward_step(z: Tensor, u: Tensor, weight: Tensor, activation: str, *, precision: Optional[str] = None):
     """One fused step: ``(z_next = act(z @ W.T + u), ||z_next - z||^2, ||z_next||^2)``, per row, float32."""
-    act_id = get_activation(activation).kernel_id
-    _check_inputs(u, weight, {"z": z}, 1.0, 1, "sample")
-    return _step(z, u.contiguous(), None, weight.contiguous(), act_id, precision, True)
+    map_id = launch.map_id(activation)
+    _check_inputs(u, weight, {"z": z})
+    return _step(z, u.contiguous(), None, weight.contiguous(), map_id, precision)
 
 
 def adjoint_step(h: Tensor, v: Tensor, weight: Tensor, D: Tensor, *, precision: Optional[str] = None):
     """One fused adjoint step: ``(h_next = D * (h @ W + v), ||h_next - h||^2, ||h_next||^2)``, per row, float32."""
-    _check_inputs(v, weight, {"h": h, "D": D}, 1.0, 1, "sample")
-    return _step(h, v.contiguous(), D.contiguous(), weight.contiguous(), ADJOINT, precision, False)
+    map_id = launch.map_id(None)
+    _check_inputs(v, weight, {"h": h, "D": D})
+    return _step(h, v.contiguous(), D.contiguous(), weight.contiguous(), map_id, precision)
 
 
 # ------------------------------------------------------------------------------- ahead-of-time compiles
 
-# Every kernel's arguments by role, for compiling without a GPU (triton.compile + GPUTarget). "T" is
-# the operands' dtype; "W1" marks the weight stride that is 1 (Triton specialises an int argument equal
-# to 1 into a constant, so a real launch compiles exactly that: stride_wk for the forward map's W.T,
-# stride_wn for the adjoint's W).
-_ARG_TYPES = {
-    "x0_ptr": "*T", "bias_ptr": "*T", "scale_ptr": "*T", "w_ptr": "*T", "out_ptr": "*T",
-    "its_ptr": "*i32", "res_ptr": "*fp32", "conv_ptr": "*u1", "buf_ptr": "*fp32",
-    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "pre_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32",
-    "active_ptr": "*i32",
-    "B": "i32", "d": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
-}
+# Every kernel's arguments by role, for compiling without a GPU (``aot.ARG_TYPES``: the roles both
+# kernel families share) plus the dense ones.
+_ARG_TYPES = {**aot.ARG_TYPES, "d": "i32", "pre_ptr": "*fp32"}
 KERNELS = {"onchip": _solve_onchip_kernel, "scratch": _solve_scratch_kernel, "step": _step_kernel}
 CONFIGS = {"onchip": ONCHIP_CONFIGS, "scratch": SCRATCH_CONFIGS, "step": STEP_CONFIGS}
 CANDIDATES = {"onchip": _onchip_candidates, "scratch": _tile_candidates, "step": _tile_candidates}
@@ -790,12 +582,9 @@ def aot_variants(kernel: str, precision: str, *, d_pad: int = 128, batch: int = 
     return CANDIDATES[kernel](CONFIGS[kernel], {"B": batch, "D_PAD": d_pad, "PRECISION": precision})
 
 
-AOT_CAPABILITIES = (80, 90)
 # The integer arguments a launch specialises as multiples of 16 when they are (B, d and the weight
 # stride that is not 1, which is d).
 _SHAPE_ARGS = ("B", "d", "stride_wk", "stride_wn")
-# Largest shared memory one block may opt in to, by compute capability (A100: 163 KB, H100: 227 KB).
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def aot_plan(full: bool = False) -> list[dict]:
@@ -805,37 +594,38 @@ def aot_plan(full: bool = False) -> list[dict]:
     (``aligned``: Triton then specialises them, and the weight stride d, as such), whether z0 is given
     (``has_x0``; the single-launch kernels), the step kernel's stop rule, bookkeeping-only launch and
     split-path epilogue (``fused_matmul=False``)). ``full=True``: the whole product (capability x
-    precision x kernel x pruned config x the four activations and the adjoint x operand dtype x aligned
-    x those variants, every on-chip D_PAD): 6060 compiles. The default covers every (capability,
+    precision x kernel x pruned config x every map of the table (``map_ids()``: the adjoint and each
+    activation) x operand dtype x aligned x those variants, every on-chip D_PAD): 6060 compiles with the
+    table's five maps. The default covers every (capability,
     precision, kernel, config), each with the adjoint epilogue in float32 (the most registers on chip:
     it keeps D as well as v) and tanh in bfloat16, both aligned or not (given z0 when aligned; and the
     step kernel also as the split path's epilogue, under the default stop rule); plus, on sm_90, every
     (epilogue, dtype) pair for each kernel's first config: 294.
     """
-    pairs = [(act, dt) for act in (ADJOINT, 0, 1, 2, 3) for dt in aot.TRITON_DTYPES]
+    pairs = [(act, dt) for act in map_ids().values() for dt in aot.TRITON_DTYPES]
+    heaviest = [(ADJOINT_ID, torch.float32), (map_ids()["tanh"], torch.bfloat16)]
     plan = []
-    for capability in AOT_CAPABILITIES:
+    for capability in aot.CAPABILITIES:
         for precision in PRECISIONS:
             for kernel in KERNELS:
                 d_pads = [16, 32, 64, 128] if full and kernel == "onchip" else [ONCHIP_MAX_DIM]
                 if kernel == "step":
-                    variants = [dict(stop_batch=b, compute=c) for b, c in ((True, True), (False, True), (False, False))]
                     # the split path's epilogue, per stop rule (the default plan: the default rule)
-                    variants += [dict(stop_batch=b, compute=True, fused_matmul=False) for b in (False, True)]
+                    variants = [*aot.STEP_VARIANTS,
+                                *(dict(stop_batch=b, compute=True, fused_matmul=False) for b in (False, True))]
                 else:
-                    variants = [dict(has_x0=False), dict(has_x0=True)]
+                    variants = list(aot.SOLVE_VARIANTS)
                 for d_pad in d_pads:
                     for i, config in enumerate(aot_variants(kernel, precision, d_pad=d_pad)):
                         if full:
                             chosen = [(act, dt, al, v) for act, dt in pairs for al in (False, True) for v in variants]
                         else:
                             # the largest variant (z0 given when aligned), and the split path's epilogue
-                            heaviest = [(ADJOINT, torch.float32), (0, torch.bfloat16)]
                             chosen = [(act, dt, al, v) for act, dt in heaviest for al in (False, True)
                                       for v in [variants[al and kernel != "step"]] + variants[3:4]]
                             if i == 0 and capability == 90:
                                 chosen += [(act, dt, False, variants[0]) for act, dt in pairs
-                                           if (act, dt) not in ((ADJOINT, torch.float32), (0, torch.bfloat16))]
+                                           if (act, dt) not in heaviest]
                         for act, dtype, aligned, extra in chosen:
                             plan.append(dict(kernel=kernel, config=config, act_id=act, dtype=dtype, precision=precision,
                                              capability=capability, d_pad=d_pad, aligned=aligned, **extra))
@@ -858,6 +648,5 @@ def aot_compile(kernel: str, config, *, act_id: int, dtype: torch.dtype, precisi
         constexprs.update(HAS_X0=has_x0)
     if kernel == "step":
         constexprs.update(STOP_BATCH=stop_batch, COMPUTE=compute, FUSED_MATMUL=fused_matmul)
-    weight_unit_stride = "stride_wn" if act_id == ADJOINT else "stride_wk"
-    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, weight_unit_stride, dtype, config,
-                               capability, divisible=_SHAPE_ARGS if aligned else ())
+    return aot.compile_for_gpu(KERNELS[kernel].fn, _ARG_TYPES, constexprs, dtype, config, capability,
+                               divisible=_SHAPE_ARGS if aligned else ())

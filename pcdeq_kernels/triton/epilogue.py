@@ -3,8 +3,12 @@
 Every pcDEQ kernel ends its tile the same way: add the bias (u, or v for the adjoint), apply the
 activation (or multiply by D for the adjoint), and reduce the squared norms that the stopping rule
 ``||x_{k+1} - x_k|| / (||x_{k+1}|| + 1e-5) < tol`` needs. Those pieces live here, once, so that the
-two kernel families cannot drift apart; the kernels pick the map with a ``tl.constexpr`` epilogue id:
-an activation's ``kernel_id`` (``activations.py``) for the forward map, ``ADJOINT`` for the adjoint.
+two kernel families cannot drift apart; the kernels pick the map with a ``tl.constexpr`` epilogue id
+from the map table (``activations.map_ids()``): an activation's ``kernel_id`` for the forward map,
+``ADJOINT_ID`` for the adjoint. The ids are read from the table into ``tl.constexpr`` globals below (jit
+code may read constexpr globals); ``activation`` has one branch per activation and no default: an id
+without a branch fails ``tl.static_assert`` when the kernel is compiled (or run by the interpreter),
+and the launchers refuse ids outside the table before that (``launch.map_id``).
 """
 
 from __future__ import annotations
@@ -12,15 +16,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..activations import ACTIVATIONS, ADJOINT_ID
 from ..reference import RESIDUAL_EPS
 
-ADJOINT = -1  # epilogue id of the adjoint map D * (.); activations use their kernel_id >= 0
+# The map ids, from the table. ADJOINT is the kernels' name for the adjoint's id (D * (.)).
+ADJOINT = tl.constexpr(ADJOINT_ID)
+_TANH = tl.constexpr(ACTIVATIONS["tanh"].kernel_id)
+_SOFTSIGN = tl.constexpr(ACTIVATIONS["softsign"].kernel_id)
+_RELU6 = tl.constexpr(ACTIVATIONS["relu6"].kernel_id)
+_SIGMOID = tl.constexpr(ACTIVATIONS["sigmoid"].kernel_id)
 _EPS = tl.constexpr(RESIDUAL_EPS)  # the stopping rule's denominator guard, shared with the reference
 
 
 @triton.jit
-def _activation(x, ACT: tl.constexpr):
-    """act(x) in float32 for ``kernel_id`` ACT: 0 tanh, 1 softsign, 2 relu6, 3 sigmoid.
+def activation(x, ACT: tl.constexpr):
+    """act(x) in float32 for the activation whose ``kernel_id`` is ACT; any other id is a compile-time
+    error (``tl.static_assert``), so an activation added to the table without a branch here cannot
+    compile into some other activation.
 
     No libdevice (the interpreter has none): tanh and sigmoid come from ``exp``. For ``|x| >= 0.625``
     ``tanh|x| = (1 - e) / (1 + e)`` with ``e = exp(-2|x|) <= 0.29`` (no overflow, and the cancellation
@@ -29,7 +41,7 @@ def _activation(x, ACT: tl.constexpr):
     degree 5 fitted for this project (weighted least squares of ``(tanh(x)/x - 1)/x^2`` on [0, 0.625]
     in float64): relative error 2e-10 in exact arithmetic, about 1 ulp evaluated in float32.
     """
-    if ACT == 0:
+    if ACT == _TANH:
         ax = tl.abs(x)
         xs = tl.minimum(tl.maximum(x, -0.625), 0.625)  # the polynomial's range (no overflow outside it)
         z = xs * xs
@@ -44,29 +56,31 @@ def _activation(x, ACT: tl.constexpr):
         t_big = (1.0 - e) / (1.0 + e)
         t_big = tl.where(x < 0.0, -t_big, t_big)
         y = tl.where(ax < 0.625, t_small, t_big)
-    elif ACT == 1:
+    elif ACT == _SOFTSIGN:
         y = x / (1.0 + tl.abs(x))
-    elif ACT == 2:
+    elif ACT == _RELU6:
         # Not tl.minimum/maximum: their default (min.f32/max.f32, numpy's fmin/fmax in the interpreter)
         # returns the other operand for a NaN; torch's clamp, and this, keep the NaN.
         y = tl.where(x < 0.0, 0.0, tl.where(x > 6.0, 6.0, x))
-    else:
+    elif ACT == _SIGMOID:
         y = 1.0 / (1.0 + tl.exp(-x))
+    else:
+        tl.static_assert(False, "unknown activation id: not a kernel_id of pcdeq_kernels.activations.ACTIVATIONS")
     return y
 
 
 @triton.jit
-def _epilogue(acc, bias, scale, ACT: tl.constexpr):
+def epilogue(acc, bias, scale, ACT: tl.constexpr):
     """The map's elementwise tail: ``act(acc + bias)``, or ``scale * (acc + bias)`` for the adjoint."""
-    if ACT == -1:  # ADJOINT (a literal: jit code reads only constexpr globals)
+    if ACT == ADJOINT:
         y = scale * (acc + bias)
     else:
-        y = _activation(acc + bias, ACT)
+        y = activation(acc + bias, ACT)
     return y
 
 
 @triton.jit
-def _relative_residual(diff_sq, norm_sq):
+def relative_residual(diff_sq, norm_sq):
     """``||x_{k+1} - x_k|| / (||x_{k+1}|| + 1e-5)`` from the two squared norms."""
     # Correctly rounded, as torch computes the reference's: tl.sqrt and / compile to approximate
     # instructions (sqrt.approx, div.full: an ulp or two off), which could move a residual sitting on
@@ -75,19 +89,19 @@ def _relative_residual(diff_sq, norm_sq):
 
 
 @triton.jit
-def _any(mask):
+def any_set(mask):
     """Whether any entry of a boolean vector is set (a scalar the loop conditions can test)."""
     return tl.max(mask.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
-def _initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0: tl.constexpr, ACT: tl.constexpr,
-                   ROWS: tl.constexpr, COLS: tl.constexpr):
+def initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0: tl.constexpr, ACT: tl.constexpr,
+                  ROWS: tl.constexpr, COLS: tl.constexpr):
     """A (ROWS, COLS) tile of the start state in float32: x0 if given, else ``h_0 = D * v`` for the
     adjoint and ``z_0 = 0`` for the forward map (the reference's defaults)."""
     if HAS_X0:
         x = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    elif ACT == -1:  # ADJOINT
+    elif ACT == ADJOINT:
         x = (tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
              * tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32))
     else:
@@ -96,21 +110,21 @@ def _initial_state(x0_ptr, bias_ptr, scale_ptr, offs, mask, HAS_X0: tl.constexpr
 
 
 @triton.jit
-def _next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT: tl.constexpr):
+def next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT: tl.constexpr):
     """A tile of the next state from its matmul (or conv) tile: ``act(acc + u)``, or ``D * (acc + v)``
     for the adjoint, with the tile's bias (and D) loaded here, after the K loop, so that they hold no
     registers during it. Padded entries stay 0: the epilogue of 0 is not 0 for sigmoid (0.5)."""
     bias = tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == -1:
+    if ACT == ADJOINT:
         scale = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         scale = bias  # unused by the forward epilogue
-    return tl.where(mask, _epilogue(acc, bias, scale, ACT), 0.0)
+    return tl.where(mask, epilogue(acc, bias, scale, ACT), 0.0)
 
 
 @triton.jit
-def _close_previous_step(idx, idx_ok, records, first_program, sums_ptr, tot_ptr, active_ptr, its_ptr, res_ptr,
-                         B, tol, t, STOP_BATCH: tl.constexpr):
+def close_previous_step(idx, idx_ok, records, first_program, sums_ptr, tot_ptr, active_ptr, its_ptr, res_ptr,
+                        B, tol, t, STOP_BATCH: tl.constexpr):
     """The stepwise solves' bookkeeping at the start of launch ``t``: which of the samples ``idx`` (a
     vector of rows, or one image) iterate in step t. Step t-1 is complete (its launch has finished), so
     its per-sample squared norms decide, by ``reference.iterate``'s rule: a sample active in step t-1
@@ -126,12 +140,12 @@ def _close_previous_step(idx, idx_ok, records, first_program, sums_ptr, tot_ptr,
     act_prev = tl.load(active_ptr + ((t + 1) % 2) * B + idx, mask=idx_ok, other=0) != 0
     if t > 0:
         prev = sums_ptr + ((t + 2) % 3) * 2 * B
-        r = _relative_residual(tl.load(prev + idx, mask=idx_ok, other=0.0),
+        r = relative_residual(tl.load(prev + idx, mask=idx_ok, other=0.0),
                                tl.load(prev + B + idx, mask=idx_ok, other=0.0))
         if STOP_BATCH:
             t_prev = tot_ptr + ((t + 2) % 3) * 2
             # (r * 0.0 +: the batch's verdict takes r's shape, vector or scalar)
-            stop = (r * 0.0 + _relative_residual(tl.load(t_prev), tl.load(t_prev + 1))) < tol
+            stop = (r * 0.0 + relative_residual(tl.load(t_prev), tl.load(t_prev + 1))) < tol
         else:
             stop = r < tol
         act_now = act_prev & ~stop
