@@ -23,6 +23,7 @@ import math
 import warnings
 from typing import Optional
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -47,85 +48,88 @@ def _check_not_capturing(x: Tensor) -> None:
 
 def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str) -> None:
     """Reject negative or non-finite inputs, and (for an activation with act(0) = 0) samples whose u is
-    identically 0. One min/max pass per tensor and one host read in all (NaN propagates through min
-    and max, so non-finite entries show up as a non-finite extreme)."""
+    identically 0. A few reductions and one host read in all (NaN propagates through min and max, so
+    non-finite entries show up as a non-finite extreme); each tensor is looked at on its own only to
+    word an error."""
     named = [("weight", weight), ("u", u)] + ([("z0", z0)] if z0 is not None else [])
-    named = [(name, t) for name, t in named if t.numel() > 0]  # an empty batch has nothing to check
-    zero_at_zero = get_activation(activation).value_at_zero == 0 and u.numel() > 0
-    reductions = [x for _, t in named for x in torch.aminmax(t)]
-    if zero_at_zero:
-        reductions.append(u.flatten(1).amax(dim=1).min())  # 0 when some sample's u is all zeros
-    values = torch.stack([r.to(torch.float64) for r in reductions]).tolist()
-    for i, (name, t) in enumerate(named):
-        lo, hi = values[2 * i], values[2 * i + 1]
+    zero_at_zero = get_activation(activation).value_at_zero == 0
+    named = [(name, t) for name, t in named if t.numel() > 0]  # an empty batch: only W to look at
+    lo, hi = torch.aminmax(torch.cat([t.detach().reshape(-1) for _, t in named]))
+    row_max = u.detach().flatten(1).amax(dim=1) if u.numel() > 0 else lo.new_ones(1)
+    lo, hi, smallest_row_max = torch.stack([lo, hi, row_max.min()]).double().tolist()
+    if math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and not (zero_at_zero and smallest_row_max == 0):
+        return
+    for name, t in named:
+        t_lo, t_hi = torch.stack(torch.aminmax(t.detach())).double().tolist()
         what = {"weight": "weight", "u": "u (the injection)", "z0": "z0"}[name]
-        if not (math.isfinite(lo) and math.isfinite(hi)):
+        if not (math.isfinite(t_lo) and math.isfinite(t_hi)):
             fix = {
                 "weight": "check the learning rate and the weight's parametrization",
                 "u": "check the layer's input",
                 "z0": "pass a finite starting point",
             }[name]
             raise ValueError(f"{what} contains NaN or Inf; {fix}")
-        if lo < 0:
+        if t_lo < 0:
             fix = {
                 "weight": "a pcDEQ layer needs W >= 0. Call layer.project_() after each optimizer step, "
                 "or use parametrization='softplus'.",
                 "u": "pcDEQ needs u >= 0: pass the input through softplus(beta=5) (pcDEQ-1) or relu (pcDEQ-2) first",
                 "z0": "the iteration must start in the nonnegative orthant",
             }[name]
-            raise ValueError(f"{what} has negative entries (min {lo:.3g}); {fix}")
-    if zero_at_zero and values[-1] == 0:
-        rows = (u.flatten(1).amax(dim=1) == 0).nonzero().flatten().tolist()
-        raise ValueError(
-            f"u (the injection) is identically 0 in sample(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}: with "
-            f"{activation}(0) = 0, z = 0 is a fixed point there and the iteration from 0 never leaves it, although "
-            "positive fixed points may exist. pcDEQ-1 activations need u > 0: use the softplus(beta=5) injection, "
-            "or activation='sigmoid' (pcDEQ-2, for which u >= 0 suffices)"
-        )
+            raise ValueError(f"{what} has negative entries (min {t_lo:.3g}); {fix}")
+    rows = (row_max == 0).nonzero().flatten().tolist()
+    raise ValueError(
+        f"u (the injection) is identically 0 in sample(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}: with "
+        f"{activation}(0) = 0, z = 0 is a fixed point there and the iteration from 0 never leaves it, although "
+        "positive fixed points may exist. pcDEQ-1 activations need u > 0: use the softplus(beta=5) injection, "
+        "or activation='sigmoid' (pcDEQ-2, for which u >= 0 suffices)"
+    )
 
 
 def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor, spec: SolveSpec) -> None:
     """The non-convergence policy; and, under the per-sample rule, a warning for samples that met it
     only through its ``+ 1e-5`` guard: ``||dx|| / (||x|| + 1e-5) < tol`` while ``||dx|| / ||x|| >= tol``,
     i.e. the state is so small (``||x||`` of order 1e-5 or below) that the rule says nothing about its
-    accuracy."""
+    accuracy. One host transfer of three per-sample values; the rest is numpy on the host."""
+    if spec.on_nonconvergence == "ignore":
+        return
     adjoint = what == "backward"
     tol = spec.backward_tol if adjoint else spec.tol
     max_iter = spec.backward_max_iter if adjoint else spec.max_iter
-    if spec.on_nonconvergence == "ignore":
-        return
-    guard_decided = torch.zeros_like(converged)
+    # (a float32 norm may overflow to inf: harmless, a huge state is not one the guard decided)
+    norm = state.detach().flatten(1).norm(dim=1).to(residual.dtype)
+    converged, residual, norm = torch.stack([converged.to(residual.dtype), residual, norm]).cpu().double().numpy()
+    converged = converged > 0
     if spec.stop == "sample":
-        norm = reference.per_sample_norm(state.to(residual.dtype))
-        # (a zero step, residual 0, is exact whatever the norm: an all-zero gradient's adjoint, say)
-        guard_decided = converged & (residual > 0) & (norm * (tol - residual) <= residual * reference.RESIDUAL_EPS)
-    non_finite = ~converged & ~torch.isfinite(residual)
-    n_failed, n_guard, n_non_finite = torch.stack([(~converged).sum(), guard_decided.sum(), non_finite.sum()]).tolist()
-    if n_guard:
-        warnings.warn(
-            f"pcDEQ {what} solve: {n_guard} of {converged.numel()} samples met tol={tol:g} only through the stopping "
-            f"rule's +{reference.RESIDUAL_EPS:g} guard (their norm is below about {reference.RESIDUAL_EPS:g}, so the "
-            "relative change is still above tol): the official rule, but no accuracy guarantee for them; scale the "
-            "input (or the loss) up, or lower tol",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    if n_failed == 0:
+        with numpy.errstate(invalid="ignore"):  # NaN residuals compare false: never guard-decided
+            # (a zero step, residual 0, is exact whatever the norm: an all-zero gradient's adjoint, say)
+            guard = converged & (residual > 0) & (norm * (tol - residual) <= residual * reference.RESIDUAL_EPS)
+        if guard.any():
+            warnings.warn(
+                f"pcDEQ {what} solve: {int(guard.sum())} of {converged.size} samples met tol={tol:g} only through "
+                f"the stopping rule's +{reference.RESIDUAL_EPS:g} guard (their norm is below about "
+                f"{reference.RESIDUAL_EPS:g}, so the relative change is still above tol): the official rule, but no "
+                "accuracy guarantee for them; scale the input (or the loss) up, or lower tol",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    if converged.all():
         return
-    if n_non_finite:
-        samples = non_finite.nonzero().flatten().tolist()
+    n_failed = int((~converged).sum())
+    non_finite = numpy.flatnonzero(~converged & ~numpy.isfinite(residual)).tolist()
+    if non_finite:
         message = (
-            f"pcDEQ {what} solve: {n_non_finite} of {converged.numel()} samples hit a non-finite (NaN or Inf) "
-            f"iterate or residual and stopped there, unconverged (samples {samples[:10]}"
-            f"{' ...' if len(samples) > 10 else ''}): check the scale of the weight and of the "
-            f"{'incoming gradient' if what == 'backward' else 'injection u'} (an overflow), or the loss"
+            f"pcDEQ {what} solve: {len(non_finite)} of {converged.size} samples hit a non-finite (NaN or Inf) "
+            f"iterate or residual and stopped there, unconverged (samples {non_finite[:10]}"
+            f"{' ...' if len(non_finite) > 10 else ''}): check the scale of the weight and of the "
+            f"{'incoming gradient' if adjoint else 'injection u'} (an overflow), or the loss"
         )
-        if n_failed > n_non_finite:
-            message += f"; {n_failed - n_non_finite} more did not reach tol={tol:g} within max_iter={max_iter}"
+        if n_failed > len(non_finite):
+            message += f"; {n_failed - len(non_finite)} more did not reach tol={tol:g} within max_iter={max_iter}"
     else:
         message = (
-            f"pcDEQ {what} solve: {n_failed} of {converged.numel()} samples did not reach tol={tol:g} within "
-            f"max_iter={max_iter} (worst relative residual {residual.max().item():.3g}); raise max_iter or tol"
+            f"pcDEQ {what} solve: {n_failed} of {converged.size} samples did not reach tol={tol:g} within "
+            f"max_iter={max_iter} (worst relative residual {residual.max():.3g}); raise max_iter or tol"
         )
     if spec.on_nonconvergence == "raise":
         raise NonConvergenceError(message)
@@ -184,3 +188,23 @@ def adjoint_solve(v: Tensor, weight: Tensor, D: Tensor, spec: str) -> tuple[Tens
 @adjoint_solve.register_fake
 def _(v, weight, D, spec):
     return _fake(True, v, weight, D, spec)
+
+
+def _traced(*tensors: Optional[Tensor]) -> bool:
+    """Whether anything other than plain eager execution is looking at this call: torch.compile or
+    export, a tensor subclass (fake, functional, ...), or a torch function or dispatch mode."""
+    return (
+        torch.compiler.is_compiling()
+        or any(t is not None and type(t) is not Tensor for t in tensors)
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
+def solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], spec: SolveSpec):
+    """What ``functional`` calls: the custom op (``adjoint_solve`` or ``forward_solve``) wherever the call
+    is traced, its body directly in plain eager mode, where the op's Python dispatch would cost about
+    30 us a call (a tenth of a paper-sized solve) and change nothing."""
+    if _traced(x, weight, other):
+        return (adjoint_solve if adjoint else forward_solve)(x, weight, other, spec.key)
+    return _solve(adjoint, x, weight, other, spec.key)
