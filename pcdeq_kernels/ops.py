@@ -97,8 +97,10 @@ def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor,
     tol = spec.backward_tol if adjoint else spec.tol
     max_iter = spec.backward_max_iter if adjoint else spec.max_iter
     # (a float32 norm may overflow to inf: harmless, a huge state is not one the guard decided)
-    norm = state.detach().flatten(1).norm(dim=1).to(residual.dtype)
-    converged, residual, norm = torch.stack([converged.to(residual.dtype), residual, norm]).cpu().double().numpy()
+    per_sample = (converged, residual, torch.linalg.vector_norm(state.detach().flatten(1).float(), dim=1))
+    if state.device.type != "cpu":  # one transfer (one synchronisation) for the three
+        per_sample = torch.stack([t.double() for t in per_sample]).cpu().unbind()
+    converged, residual, norm = (t.numpy() for t in per_sample)
     converged = converged > 0
     if spec.stop == "sample":
         with numpy.errstate(invalid="ignore"):  # NaN residuals compare false: never guard-decided
@@ -148,8 +150,13 @@ def _empty_solve(x: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, Tenso
 def _solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], key: str):
     """Both ops' bodies: ``x`` is u (forward) or v (adjoint), ``other`` z0 (forward, optional) or D."""
     spec = SolveSpec.from_key(key)
+    backend = backends.get(backends.resolve(spec, describe(x, weight, "v" if adjoint else "u")))
+    return _run(adjoint, x, weight, other, spec, backend)
+
+
+def _run(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], spec: SolveSpec, backend):
+    """A solve by ``backend`` once the problem is known to be well formed and the backend chosen."""
     x_name, other_name = ("v", "D") if adjoint else ("u", "z0")
-    backend = backends.get(backends.resolve(spec, describe(x, weight, x_name)))
     check_like(other_name, other, x, x_name)
     _check_not_capturing(x)
     if not adjoint:
@@ -202,9 +209,10 @@ def _traced(*tensors: Optional[Tensor]) -> bool:
 
 
 def solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], spec: SolveSpec):
-    """What ``functional`` calls: the custom op (``adjoint_solve`` or ``forward_solve``) wherever the call
-    is traced, its body directly in plain eager mode, where the op's Python dispatch would cost about
-    30 us a call (a tenth of a paper-sized solve) and change nothing."""
+    """What ``functional`` calls, with a ``spec`` whose backend it resolved for these tensors: the
+    custom op (``adjoint_solve`` or ``forward_solve``) wherever the call is traced, its body directly in
+    plain eager mode, where the op's Python dispatch (and its decoding and checking again of what
+    ``functional`` just checked) would cost about 40 us a call, a tenth of a paper-sized solve."""
     if _traced(x, weight, other):
         return (adjoint_solve if adjoint else forward_solve)(x, weight, other, spec.key)
-    return _solve(adjoint, x, weight, other, spec.key)
+    return _run(adjoint, x, weight, other, spec, backends.get(spec.backend))
