@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from pcdeq_kernels.backends import cpu
 from problems import (
     ALL_ACTIVATIONS,
     adjoint_problem,
+    adjoint_spec,
     check_activation_accuracy,
     check_adjoint_solve,
     check_bad_inputs_raise_clear_errors,
@@ -182,11 +184,107 @@ def test_max_iter_cap_and_no_convergence():
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
-@pytest.mark.parametrize("conv_hw", [None, (4, 4)], ids=str)
-def test_nan_residual_never_counts_as_converged(activation, conv_hw):
-    u, w = make_problem(4, 6, activation, conv_hw=conv_hw)
+@pytest.mark.parametrize("dim,conv_hw", [(6, None), (1100, None), (6, (4, 4))], ids=["packed", "blas", "conv"])
+def test_nan_residual_never_counts_as_converged(activation, dim, conv_hw):
+    # a sample whose residual is NaN stops at that step, unconverged; under "batch", the whole batch
+    u, w = make_problem(4, dim, activation, conv_hw=conv_hw)
     u[(2, 3) if conv_hw is None else (2, 3, 1, 2)] = math.nan  # the op layer rejects this; the backend must still follow the rule
     check_nan_residual_never_counts_as_converged(cpu, u, w, activation)
+
+
+# every loop: the packed kernel with one thread and with row groups on two, BLAS, the conv loop
+SUM_PATHS = [(8, 200, None, 1), (67, 48, None, 2), (9, 1100, None, 2), (3, 4, (5, 6), 2)]
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("batch,dim,conv_hw,threads", SUM_PATHS, ids=["packed", "groups", "blas", "conv"])
+def test_float32_squared_norms_do_not_overflow(batch, dim, conv_hw, threads, stop):
+    # The adjoint map is linear in (h, v): v scaled by 2^70 scales every iterate exactly. Their squares
+    # (2^140) overflow float32, and summed there the residual was inf/inf (never converged, or worse,
+    # finite/inf = 0); summed in float64 it is the ratio of the unscaled solve (scale 2^20, where the
+    # +1e-5 guard is as negligible): the same steps, and the state scaled.
+    v, w, D = adjoint_problem(batch, dim, "tanh", torch.float32, seed=dim, conv_hw=conv_hw)
+    with intra_op_threads(threads):
+        h, its, res, conv = cpu.adjoint_solve(v * 2.0**20, w, D, adjoint_spec(1e-5, 300, stop))
+        h_big, its_big, res_big, conv_big = cpu.adjoint_solve(v * 2.0**70, w, D, adjoint_spec(1e-5, 300, stop))
+    assert conv.all() and (its > 3).all()
+    assert torch.equal(its_big, its) and torch.equal(conv_big, conv) and torch.equal(h_big * 2.0**-50, h)
+    torch.testing.assert_close(res_big, res, rtol=1e-6, atol=0)
+
+
+def _ctrl_c_script(tmp_path):
+    """A script that starts never-ending solves (the adjoint with W = I and D = 1 grows by v every step:
+    r ~ 1/k never reaches 1e-30) on every CPU loop and both stop rules, sends itself SIGINT from a
+    timer thread after 0.3 s, and prints how long each solve took to raise; then checks that the next
+    solve runs."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(
+        r"""
+import os, signal, sys, threading, time
+import torch
+import pcdeq_kernels  # noqa: F401
+from pcdeq_kernels.backends import cpu
+from pcdeq_kernels.spec import SolveSpec
+
+for batch, dim, conv, threads in [(8, 16, False, 1), (256, 16, False, 2), (4, 1100, False, 2), (4, 3, True, 2)]:
+    torch.set_num_threads(threads)
+    shape = (batch, dim, 5, 5) if conv else (batch, dim)
+    w = torch.zeros(dim, dim, 3, 3, dtype=torch.float64) if conv else torch.eye(dim, dtype=torch.float64)
+    if conv:
+        w[:, :, 1, 1] = torch.eye(dim, dtype=torch.float64)
+    v = torch.rand(shape, dtype=torch.float64) + 0.1
+    D = torch.ones_like(v)
+    for stop in ("sample", "batch"):
+        sent = []
+        def interrupt():
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Timer(0.3, interrupt).start()
+        try:
+            cpu.adjoint_solve(v, w, D, SolveSpec(backward_tol=1e-30, backward_max_iter=10**9, stop=stop))
+            print("no interrupt")
+        except KeyboardInterrupt:
+            print(f"interrupted {time.perf_counter() - sent[0]:.3f}")
+        h, its, res, converged = cpu.adjoint_solve(v, w, D, SolveSpec(backward_tol=1e-2, backward_max_iter=500, stop=stop))
+        print("next", bool(converged.all()), int(its.max()))
+"""
+    )
+    return script
+
+
+def test_ctrl_c_stops_a_long_solve(tmp_path):
+    # The solves poll for Python signals (csrc/cpu/interrupt.h): SIGINT stops each loop within a poll
+    # interval (50 ms), plus scheduling on a loaded machine, and raises KeyboardInterrupt itself, with
+    # nothing left behind: the next solve runs and converges.
+    script = _ctrl_c_script(tmp_path)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    interrupted = [float(line.split()[1]) for line in lines if line.startswith("interrupted")]
+    assert len(interrupted) == 8 and max(interrupted) < 1.0, out.stdout
+    assert lines.count("next True 99") == 8, out.stdout
+
+
+@pytest.mark.parametrize("conv_hw", [None, (4, 4)], ids=["dense", "conv"])
+def test_tensors_on_other_devices_are_refused(conv_hw):
+    # A meta tensor among CPU ones sends the call to the fake kernel, which must refuse it rather than
+    # return uninitialised outputs as the answer; every tensor's device is checked, by name.
+    u, w = make_problem(3, 4, "tanh", conv_hw=conv_hw)
+    meta = torch.device("meta")
+    fwd, adj = torch.ops.pcdeq_C.forward_solve, torch.ops.pcdeq_C.adjoint_solve
+    with pytest.raises(RuntimeError, match="u is on meta but weight is on cpu"):
+        fwd(u.to(meta), w, None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="u is on cpu but weight is on meta"):
+        fwd(u, w.to(meta), None, 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="z0 is on meta but u is on cpu"):
+        fwd(u, w, u.to(meta), 0, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="v is on meta but weight is on cpu"):
+        adj(u.to(meta), w, u, 1e-4, 10, False)
+    with pytest.raises(RuntimeError, match="D is on meta but v is on cpu"):
+        adj(u, w, u.to(meta), 1e-4, 10, False)
+    # all on meta: the fake kernel's shapes, as before
+    z, its, res, conv = fwd(u.to(meta), w.to(meta), None, 0, 1e-4, 10, False)
+    assert z.device == meta and z.shape == u.shape and its.shape == (3,)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])

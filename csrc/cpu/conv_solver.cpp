@@ -13,11 +13,14 @@
 // one contiguous run of C*H*W entries in either layout, so the fused pass treats an image exactly as
 // the dense loop treats a row.
 //
-// Per-image early exit: under the per-sample rule an image that meets it leaves the working set: its
-// state is written to the result and the unfinished images are moved down (one copy per image, only
-// when some image has finished), so the next convolution runs on the unfinished ones only. Until the
-// first image finishes, the working set is the result itself (no copy); after that it lives in
-// buffers of our own, since the inputs may be the caller's tensors.
+// Per-image early exit: under the per-sample rule an image that stops (converged, or its residual not
+// finite) leaves the working set: its state is written to the result and the unfinished images are
+// moved down (one copy per image, only when some image has finished), so the next convolution runs
+// on the unfinished ones only. Until the first image finishes, the working set is the result itself
+// (no copy); after that it lives in buffers of our own, since the inputs may be the caller's tensors.
+//
+// Ctrl-C: the loop runs on the calling thread, which polls for Python signals once per step
+// (interrupt.h) and raises what a handler raised.
 #include "conv_solver.h"
 
 #include <ATen/ATen.h>
@@ -30,6 +33,7 @@
 #include <numeric>
 #include <vector>
 
+#include "interrupt.h"
 #include "row_update.h"
 
 namespace pcdeq::cpu {
@@ -68,24 +72,22 @@ class ConvIteration {
 
   SolveOutputs run() {
     int64_t steps = 0;
-    bool batch_converged = false;
-    while (steps < max_iter_ && !ids_.empty()) {
+    Verdict batch = Verdict::kGoOn;  // the whole-batch rule's, of the last step
+    while (steps < max_iter_ && !ids_.empty() && batch == Verdict::kGoOn && !interrupt_.poll()) {
       ++steps;
       step();
       if (batch_stop_) {
         const double diff = std::accumulate(sq_diff_.begin(), sq_diff_.end(), 0.0);
         const double norm = std::accumulate(sq_norm_.begin(), sq_norm_.end(), 0.0);
-        if (relative_residual<T>(diff, norm) < tol_) {  // NaN compares false
-          batch_converged = true;
-          break;
-        }
+        batch = verdict(relative_residual<T>(diff, norm), tol_);
       } else {
-        retire_converged(steps);
+        retire_stopped(steps);
       }
     }
+    interrupt_.rethrow_if_interrupted();
     // The unfinished images (every image under the whole-batch rule) ran all `steps` steps.
     for (int64_t slot = 0; slot < static_cast<int64_t>(ids_.size()); ++slot) {
-      finish(slot, steps, batch_converged);
+      finish(slot, steps, batch == Verdict::kConverged);
     }
     return {result_, iterations_, residual_, converged_};
   }
@@ -130,15 +132,17 @@ class ConvIteration {
     }
   }
 
-  // The per-sample rule: images that meet it are written out and leave the working set.
-  void retire_converged(int64_t steps) {
+  // The per-sample rule: images that converge, or whose residual is not finite (unconverged), are
+  // written out and leave the working set.
+  void retire_stopped(int64_t steps) {
     std::vector<int64_t> keep;
     keep.reserve(ids_.size());
     for (int64_t slot = 0; slot < static_cast<int64_t>(ids_.size()); ++slot) {
-      if (relative_residual<T>(sq_diff_[slot], sq_norm_[slot]) < tol_) {  // NaN never counts as converged
-        finish(slot, steps, true);
-      } else {
+      const Verdict v = verdict(relative_residual<T>(sq_diff_[slot], sq_norm_[slot]), tol_);
+      if (v == Verdict::kGoOn) {
         keep.push_back(slot);
+      } else {
+        finish(slot, steps, v == Verdict::kConverged);
       }
     }
     if (keep.size() < ids_.size()) {
@@ -211,6 +215,7 @@ class ConvIteration {
   std::vector<double> sq_diff_, sq_norm_;   // per slot, of the last step
   std::vector<double> run_diff_, run_norm_;  // per run of the fused pass
   at::Tensor iterations_, residual_, converged_;
+  Interrupt interrupt_;  // made on the op's calling thread, which polls
 };
 
 template <typename T, class Step>

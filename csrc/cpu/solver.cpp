@@ -13,8 +13,12 @@
 //     BLAS uses its own threads on the whole batch, then the fused pass over the rows in parallel.
 //
 // The state lives in the result tensor, row b = sample b, from start to end. Under the per-sample
-// rule a sample that converges just leaves its group's list of active rows: its state is already
-// in place and the matmul shrinks with the active set.
+// rule a sample that stops (converged, or its residual not finite) just leaves its group's list of
+// active rows: its state is already in place and the matmul shrinks with the active set.
+//
+// Ctrl-C (interrupt.h): the calling thread polls for Python signals once per step of the rows it
+// iterates (and, done with its groups, while it waits for the other threads'); every thread stops at
+// its next step once a handler raised, and the exception is thrown after the parallel region.
 //
 // Threads for the packed kernel (at::parallel_for, i.e. torch's OpenMP pool and its thread count),
 // only when the batch gives each one a full tile of rows and enough work per step. (Not for BLAS:
@@ -46,6 +50,7 @@
 #include <pcdeq/op_checks.h>
 
 #include "conv_solver.h"
+#include "interrupt.h"
 #include "row_update.h"
 #include "small_gemm.h"
 
@@ -145,13 +150,25 @@ class Iteration {
       // synchronisation until the solve is over. Threads take the next group as they become free,
       // so a thread that starts late (waking up) or a group that converges fast balances out.
       std::atomic<int64_t> next_group{0};
+      std::atomic<int64_t> finished{0};
       const int64_t groups = static_cast<int64_t>(bounds_.size()) - 1;
       parallel_threads([&](int64_t thread) {
+        const bool polls = interrupt_.polls_here();
         for (int64_t g = next_group++; g < groups; g = next_group++) {
-          run_group(g, scratch_[thread]);
+          run_group(g, scratch_[thread], polls);
+          if (++finished == groups) {
+            interrupt_.notify();
+          }
+        }
+        // Out of groups, the calling thread keeps polling until the others have finished theirs. (Any
+        // group taken is being run: a thread that runs this function after another on the same OS
+        // thread finds every group taken and finished.)
+        if (polls) {
+          interrupt_.wait_polling([&] { return finished.load() == groups; });
         }
       });
     }
+    interrupt_.rethrow_if_interrupted();
     return {x_, iterations_, residual_, converged_};
   }
 
@@ -237,25 +254,27 @@ class Iteration {
     update_row<Step, T>(acc, x_data_ + b * d_, in.data(), d_, &sq_diff_[b], &sq_norm_[b]);
   }
 
-  // The per-sample rule on the block's samples: each one that meets it leaves the block's active list
-  // (its state stays where it is, in the result), so the matmul shrinks with the active set.
-  void run_group(int64_t group, Scratch& scratch) {
+  // The per-sample rule on the block's samples: each one that converges, or whose residual is not
+  // finite (unconverged), leaves the block's active list (its state stays where it is, in the
+  // result), so the matmul shrinks with the active set. `polls`: this thread polls for Ctrl-C.
+  void run_group(int64_t group, Scratch& scratch, bool polls) {
     int64_t* rows = active_.data() + bounds_[group];
     int64_t count = bounds_[group + 1] - bounds_[group];
     int64_t steps = 0;
-    while (steps < max_iter_ && count > 0) {
+    while (steps < max_iter_ && count > 0 && !(polls ? interrupt_.poll() : interrupt_.stopped())) {
       ++steps;
       step(rows, count, scratch);
       int64_t kept = 0;  // the list stays in increasing order: rows are read in memory order
       for (int64_t i = 0; i < count; ++i) {
         const int64_t b = rows[i];
         const T r = relative_residual<T>(sq_diff_[b], sq_norm_[b]);
-        if (r < tol_) {  // a NaN residual never counts as converged
+        const Verdict v = verdict(r, tol_);
+        if (v == Verdict::kGoOn) {
+          rows[kept++] = b;
+        } else {
           residual_data_[b] = r;
           iterations_data_[b] = static_cast<int32_t>(steps);
-          converged_data_[b] = true;
-        } else {
-          rows[kept++] = b;
+          converged_data_[b] = v == Verdict::kConverged;
         }
       }
       count = kept;
@@ -274,25 +293,23 @@ class Iteration {
   }
 
   // The whole-batch rule: every step needs the ratio over all rows, so the blocks join every step.
+  // The batch stops when the ratio meets tol (converged) or is not finite (unconverged).
   void run_batch_stop() {
     int64_t steps = 0;
-    bool converged = false;
-    while (steps < max_iter_) {
+    Verdict v = Verdict::kGoOn;
+    while (steps < max_iter_ && v == Verdict::kGoOn && !interrupt_.poll()) {
       ++steps;
       parallel_threads([&](int64_t block) {  // one group per thread
         step(active_.data() + bounds_[block], bounds_[block + 1] - bounds_[block], scratch_[block]);
       });
       const double total_diff = std::accumulate(sq_diff_.begin(), sq_diff_.end(), 0.0);
       const double total_norm = std::accumulate(sq_norm_.begin(), sq_norm_.end(), 0.0);
-      if (relative_residual<T>(total_diff, total_norm) < tol_) {  // NaN compares false
-        converged = true;
-        break;
-      }
+      v = verdict(relative_residual<T>(total_diff, total_norm), tol_);
     }
     for (int64_t b = 0; b < batch_; ++b) {
       finish(b, steps);
     }
-    if (converged) {
+    if (v == Verdict::kConverged) {
       std::fill(converged_data_, converged_data_ + batch_, true);
     }
   }
@@ -319,6 +336,7 @@ class Iteration {
   int64_t threads_;
   std::vector<int64_t> bounds_;           // group k owns active_[bounds_[k], bounds_[k + 1])
   std::vector<Scratch> scratch_;          // one per thread
+  Interrupt interrupt_;                   // made on the op's calling thread, which polls
 };
 
 template <typename T, class Step>

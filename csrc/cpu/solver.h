@@ -5,9 +5,12 @@
 //     adjoint   h_{k+1} = D * (L^T(h_k) + v)       h_0 = D * v
 //
 // with the stopping rule of pcdeq_kernels/reference.py (the specification): per sample b,
-// r_b = ||x_{k+1,b} - x_{k,b}|| / (||x_{k+1,b}|| + 1e-5); with batch_stop = false each sample stops
-// (state and count freeze) once r_b < tol, with batch_stop = true all stop together once the same
-// ratio over the whole batch is < tol; at most max_iter steps.
+// r_b = ||x_{k+1,b} - x_{k,b}|| / (||x_{k+1,b}|| + 1e-5), its squared norms summed in double and NaN
+// when a sum is not finite; with batch_stop = false each sample stops (state and count freeze) once
+// r_b < tol (converged), or unconverged once r_b is not finite; with batch_stop = true all stop
+// together once the same ratio over the whole batch is < tol (converged) or not finite
+// (unconverged); at most max_iter steps. Ctrl-C stops a solve within about 50 ms (interrupt.h): the
+// op raises the KeyboardInterrupt.
 //
 // Both return (state in the input dtype and memory format, iterations int32 (B,), residual (B,) float32 or float64,
 // converged bool (B,)). float16/bfloat16 inputs are solved in float32.

@@ -6,6 +6,10 @@
 //
 // Each op's kernel starts with one call, check_forward_args or check_adjoint_args (the op's arguments
 // in the schema's order, plus the device type the kernel serves), before it touches anything else.
+// Every tensor's device is checked: u/v and the weight against the kernel's device type and each
+// other, z0/D against u/v. A call with any meta tensor never reaches these kernels (the dispatcher
+// sends it to the fake kernel, pcdeq_kernels/backends/compiled.py), which must refuse mixed devices
+// with the same words.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -123,6 +127,9 @@ inline void check_options(const char* op, double tol, int64_t max_iter) {
 
 // `t` (z0 or D) has the shape, dtype and device of `x` (u or v).
 inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* x_name, const at::Tensor& x) {
+  TORCH_CHECK(
+      t.device() == x.device(),
+      op, ": ", name, " is on ", t.device(), " but ", x_name, " is on ", x.device(), "; move them to one device");
   TORCH_CHECK(
       t.device() == x.device() && t.scalar_type() == x.scalar_type() && t.sizes() == x.sizes(),
       op, ": ", name, " must match ", x_name, " (shape ", x.sizes(), ", ", x.scalar_type(), ", ", x.device(),
