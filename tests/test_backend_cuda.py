@@ -51,6 +51,7 @@ from pcdeq_kernels.backends import cuda
 
 from problems import (
     ALL_ACTIVATIONS,
+    adjoint_spec,
     assert_within_rounding,
     check_activation_accuracy,
     check_adjoint_solve,
@@ -175,6 +176,21 @@ def test_nan_residual_never_counts_as_converged(path, activation):
     u[2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
     u, w = _gpu(u, w)
     check_nan_residual_never_counts_as_converged(cuda, u, w, activation)
+
+
+@gpu
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+def test_float32_squared_norms_do_not_overflow(stop, path, fp32_highest):
+    # As in tests/test_backend_cpu.py: v scaled by 2^70 scales every adjoint iterate exactly, and their
+    # squares (2^140) overflow float32; the per-row sums are kept in double, so the residual is that of
+    # the solve at 2^20 (where the +1e-5 guard is as negligible): the same steps, the state scaled.
+    # 12 rows: one CTA, so that the single launch also runs the batch rule.
+    v, w, D = _adjoint_problem(12, 80, "tanh", torch.float32)
+    h, its, res, conv = cuda.adjoint_solve(v * 2.0**20, w, D, adjoint_spec(1e-5, 300, stop))
+    h_big, its_big, res_big, conv_big = cuda.adjoint_solve(v * 2.0**70, w, D, adjoint_spec(1e-5, 300, stop))
+    assert conv.all() and (its > 3).all()
+    assert torch.equal(its_big, its) and torch.equal(conv_big, conv) and torch.equal(h_big * 2.0**-50, h)
+    torch.testing.assert_close(res_big, res, rtol=1e-6, atol=0)
 
 
 @gpu

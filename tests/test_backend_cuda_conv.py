@@ -47,6 +47,7 @@ from pcdeq_kernels.backends import cuda
 from problems import (
     ALL_ACTIVATIONS,
     TOL,
+    adjoint_spec,
     assert_within_rounding,
     check_adjoint_solve,
     check_against_reference,
@@ -192,6 +193,20 @@ def test_nan_residual_never_counts_as_converged(schedule, activation):
     u[2, 1, 2, 3] = math.nan  # the op layer above rejects this; the backend must still follow the rule
     u, w = _gpu(u, w)
     check_nan_residual_never_counts_as_converged(cuda, u, w, activation)
+
+
+@pytest.mark.parametrize("stop", ["sample", "batch"])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 8, 16, 17)], ids=["one-chunk", "chunks"])
+def test_float32_squared_norms_do_not_overflow(shape, stop, schedule, cudnn_ieee):
+    # As in tests/test_backend_cpu.py: v scaled by 2^70 scales every adjoint iterate exactly, and their
+    # squares (2^140) overflow float32; the epilogue's per-image sums (and the batch totals) are kept in
+    # double, so the residual is that of the solve at 2^20: the same steps, the state scaled.
+    v, w, D = _adjoint_problem(shape, "tanh", torch.float32)
+    h, its, res, conv = cuda.adjoint_solve(v * 2.0**20, w, D, adjoint_spec(1e-5, 300, stop))
+    h_big, its_big, res_big, conv_big = cuda.adjoint_solve(v * 2.0**70, w, D, adjoint_spec(1e-5, 300, stop))
+    assert conv.all() and (its > 3).all()
+    assert torch.equal(its_big, its) and torch.equal(conv_big, conv) and torch.equal(h_big * 2.0**-50, h)
+    torch.testing.assert_close(res_big, res, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("stop", ["sample", "batch"])

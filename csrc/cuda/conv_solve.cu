@@ -5,10 +5,11 @@
 //     adjoint   h_{k+1} = D * (conv_transpose2d(h_k, W, padding=1) + v)      h_0 = D * v
 //
 // with the semantics of pcdeq_kernels/reference.py (iterate()): per-image residual
-// r_b = ||x_next_b - x_b|| / (||x_next_b|| + 1e-5); "sample" rule (batch_stop = false): image b
-// freezes (state, count and residual stop changing) once r_b < tol, a NaN residual never counts;
-// "batch" rule: all images stop together once the whole-batch ratio is below tol; at most max_iter
-// steps. Returns (state in the input's dtype and memory format, iterations int32 (B,), residual
+// r_b = ||x_next_b - x_b|| / (||x_next_b|| + 1e-5), the squared norms summed in double, NaN when a sum
+// is not finite; "sample" rule (batch_stop = false): image b freezes (state, count and residual stop
+// changing) once r_b < tol (converged) or once r_b is not finite (unconverged); "batch" rule: all
+// images stop together once the whole-batch ratio is below tol (converged) or not finite
+// (unconverged); at most max_iter steps. Returns (state in the input's dtype and memory format, iterations int32 (B,), residual
 // (B,) float32 (float64 for float64 inputs), converged bool (B,)).
 //
 // One step = one cuDNN convolution + one fused epilogue kernel:
@@ -42,7 +43,7 @@
 //   of 2048 elements), 256 threads, 8 elements per thread loaded before any is used (memory-level
 //   parallelism). It computes x_next = act(y + u) (or D * (y + v)), writes the next state in place
 //   over the old one (the convolution has consumed it) plus the half-precision operand copy, and
-//   reduces ||x_next - x||^2 and ||x_next||^2 per image in two deterministic levels: a block tree
+//   reduces ||x_next - x||^2 and ||x_next||^2 per image, in double, in two deterministic levels: a block tree
 //   into a per-(image, chunk) partial, then the last block of the image to arrive (an atomic ticket
 //   per image) sums the partials in a fixed order, computes r_b and updates the image's count,
 //   residual and active flag, and (sample rule) converged flag and the device's active count. Under
@@ -92,7 +93,7 @@
 #include <pcdeq/activations.h>
 
 #include "conv_solve.cuh"
-#include "dense_kernels.cuh"  // epilogue_value (the activations.h math), relative_residual, warp_sum
+#include "dense_kernels.cuh"  // epilogue_value (the activations.h math), relative_residual, verdict, square, warp_sum
 #include "op_checks.cuh"
 
 namespace pcdeq::cuda {
@@ -172,8 +173,8 @@ struct EpilogueParams {
   S* __restrict__ x;                     // (working, n) the state, updated in place
   T* __restrict__ xo;                    // (working, n) its copy in T, the convolution's operand (half types), else null
   // cross-block communication (no __restrict__: written by one block, read by another)
-  S* partials;                           // (working, chunks, 2) per-chunk sums, when chunks > 1
-  S* image_sums;                         // (working, 2) per-image sums (batch rule)
+  double* partials;                      // (working, chunks, 2) per-chunk squared sums, when chunks > 1
+  double* image_sums;                    // (working, 2) per-image squared sums (batch rule)
   unsigned* tickets;                     // (working,) arrivals per image this step (reset by the last)
   unsigned* batch_ticket;                // (1,) images finished this step (batch rule)
   StatusHead<S>* head;
@@ -188,8 +189,7 @@ struct EpilogueParams {
 
 // Sums a and b over the block in a fixed order (warp butterflies, then the warp totals in warp 0);
 // the result is valid in warp 0. Starts and ends with every thread past a barrier.
-template <typename S>
-__device__ __forceinline__ void block_sum2(S& a, S& b, S (&red)[2][kEpilogueWarps]) {
+__device__ __forceinline__ void block_sum2(double& a, double& b, double (&red)[2][kEpilogueWarps]) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   a = warp_sum(a);
@@ -200,8 +200,8 @@ __device__ __forceinline__ void block_sum2(S& a, S& b, S (&red)[2][kEpilogueWarp
   }
   __syncthreads();
   if (warp == 0) {
-    a = lane < kEpilogueWarps ? red[0][lane] : S(0);
-    b = lane < kEpilogueWarps ? red[1][lane] : S(0);
+    a = lane < kEpilogueWarps ? red[0][lane] : 0.0;
+    b = lane < kEpilogueWarps ? red[1][lane] : 0.0;
     a = warp_sum(a);
     b = warp_sum(b);
   }
@@ -212,7 +212,7 @@ template <typename T, int MODE>
 __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const EpilogueParams<T> p) {
   using S = StateOf<T>;
   constexpr bool kOperandCopy = !std::is_same_v<S, T>;
-  __shared__ S red[2][kEpilogueWarps];
+  __shared__ double red[2][kEpilogueWarps];
   __shared__ int last_s;
 
   // Both reads are stable for this block: the count reaches 0 only once every image is frozen or
@@ -250,16 +250,16 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
     }
     old[i] = in ? p.x[row + e] : S(0);
   }
-  S sd = S(0);
-  S sn = S(0);
+  double sd = 0.0;
+  double sn = 0.0;
 #pragma unroll
   for (int i = 0; i < kEpilogueItems; ++i) {
     const int64_t e = first + static_cast<int64_t>(i) * kEpilogueThreads;
     if (e < n) {
       const S next = epilogue_value<MODE, S>(acc[i], s0[i], s1[i]);
-      const S diff = next - old[i];
-      sd += diff * diff;
-      sn += next * next;
+      const S diff = next - old[i];  // in S, as the reference
+      sd += square(diff);
+      sn += square(next);
       p.x[row + e] = next;
       if constexpr (kOperandCopy) {
         p.xo[row + e] = from_state<T>(next);
@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
   if (p.chunks > 1) {
     // level 2: the last block of this image to arrive sums the image's partials in chunk order
     if (threadIdx.x == 0) {
-      S* part = p.partials + (static_cast<size_t>(slot) * p.chunks + chunk) * 2;
+      double* part = p.partials + (static_cast<size_t>(slot) * p.chunks + chunk) * 2;
       part[0] = sd;
       part[1] = sn;
       __threadfence();  // the partial is visible before the ticket says so
@@ -283,9 +283,9 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
       return;
     }
     __threadfence();
-    sd = S(0);
-    sn = S(0);
-    const S* part = p.partials + static_cast<size_t>(slot) * p.chunks * 2;
+    sd = 0.0;
+    sn = 0.0;
+    const double* part = p.partials + static_cast<size_t>(slot) * p.chunks * 2;
     for (int c = threadIdx.x; c < p.chunks; c += kEpilogueThreads) {
       sd += __ldcg(part + 2 * c);  // L2: written by other blocks during this kernel
       sn += __ldcg(part + 2 * c + 1);
@@ -298,14 +298,15 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
     if (p.chunks > 1) {
       p.tickets[slot] = 0u;  // for the next step
     }
-    const S r = relative_residual(sd, sn);
+    const S r = relative_residual<S>(sd, sn);
     p.residual_prev[image] = p.residual[image];
     p.residual[image] = r;
     p.iterations[image] += 1;
     if (!p.batch_stop) {
-      if (r < p.tol) {  // a NaN residual compares false: never converged
+      const Verdict v = verdict(r, p.tol);
+      if (v != Verdict::kGoOn) {  // converged, or not finite: stopped unconverged
         p.active[image] = 0;
-        p.converged[image] = true;
+        p.converged[image] = v == Verdict::kConverged;
         atomicSub(&p.head->num_active, 1);
       }
     } else {
@@ -326,8 +327,8 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
     return;
   }
   __threadfence();
-  S td = S(0);
-  S tn = S(0);
+  double td = 0.0;
+  double tn = 0.0;
   for (int64_t j = threadIdx.x; j < p.working; j += kEpilogueThreads) {
     td += __ldcg(p.image_sums + 2 * static_cast<size_t>(j));
     tn += __ldcg(p.image_sums + 2 * static_cast<size_t>(j) + 1);
@@ -335,15 +336,15 @@ __global__ void __launch_bounds__(kEpilogueThreads) conv_epilogue_kernel(const E
   block_sum2(td, tn, red);
   if (threadIdx.x == 0) {
     *p.batch_ticket = 0u;
-    const S ratio = relative_residual(td, tn);
+    const S ratio = relative_residual<S>(td, tn);
     p.head->ratio_prev = p.head->ratio;
     p.head->ratio = ratio;
-    const bool done = ratio < p.tol;  // NaN: never
-    if (done) {
+    const Verdict v = verdict(ratio, p.tol);
+    if (v != Verdict::kGoOn) {  // met (all converged) or not finite (none converged): every image stops
       p.head->num_active = 0;
-      p.head->batch_done = 1;
+      p.head->batch_done = v == Verdict::kConverged;
     }
-    last_s = done;
+    last_s = v == Verdict::kConverged;
   }
   __syncthreads();
   if (last_s) {
@@ -496,8 +497,9 @@ SolveOutputs run_conv(const ConvProblem& pr) {
     conv_status_init_kernel<S><<<blocks, threads, 0, stream>>>(head, residual, residual_prev, active, static_cast<int>(batch));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  at::Tensor partials = chunks > 1 ? at::empty({batch * chunks * 2}, options) : at::Tensor();
-  at::Tensor image_sums = pr.batch_stop ? at::empty({batch * 2}, options) : at::Tensor();
+  const auto sum_options = options.dtype(at::kDouble);  // squared norms are summed in double
+  at::Tensor partials = chunks > 1 ? at::empty({batch * chunks * 2}, sum_options) : at::Tensor();
+  at::Tensor image_sums = pr.batch_stop ? at::empty({batch * 2}, sum_options) : at::Tensor();
   at::Tensor tickets = at::zeros({batch + 1}, options.dtype(at::kInt));  // per image, then the batch's
 
   EpilogueParams<T> p{};
@@ -506,8 +508,8 @@ SolveOutputs run_conv(const ConvProblem& pr) {
   p.batch = static_cast<int>(batch);
   p.side0 = reinterpret_cast<const T*>(pr.side0.const_data_ptr());
   p.side1 = pr.side1.defined() ? reinterpret_cast<const T*>(pr.side1.const_data_ptr()) : nullptr;
-  p.partials = partials.defined() ? partials.data_ptr<S>() : nullptr;
-  p.image_sums = image_sums.defined() ? image_sums.data_ptr<S>() : nullptr;
+  p.partials = partials.defined() ? partials.data_ptr<double>() : nullptr;
+  p.image_sums = image_sums.defined() ? image_sums.data_ptr<double>() : nullptr;
   p.tickets = reinterpret_cast<unsigned*>(tickets.data_ptr<int>());
   p.batch_ticket = p.tickets + batch;
   p.head = head;

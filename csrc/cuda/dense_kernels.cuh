@@ -27,6 +27,12 @@
 //                             x_next = epilogue(x @ M), per-row squared residual/norm atomics.
 //   dense_finalize_kernel     after each step: per-row counts, residuals, stop flags, active count.
 //   dense_gather_kernel       the final state: row b lives in buffer (iterations[b] & 1).
+//
+// Residuals (pcdeq_kernels/reference.py): a row's ||x_next - x||^2 and ||x_next||^2 are summed in
+// double whatever the state type (a float state's squares cannot overflow there), the ratio is taken
+// in double and rounded to the state type, NaN when a sum is not finite; a row whose residual is not
+// finite stops at once, unconverged (with the batch rule: the whole batch, when the batch ratio is
+// not finite).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -129,19 +135,35 @@ struct SimtEngine {
 
 // --- shared math --------------------------------------------------------------------------------------
 
+// ||x_next - x|| / (||x_next|| + 1e-5) from the squared norms (summed in double), in double and
+// rounded to the state type S, as the reference; NaN when a sum is not finite (a non-finite iterate,
+// or a double state beyond 1e154): never a spurious 0 from finite / inf.
 template <typename S>
-__device__ __forceinline__ S square_root(S x) {
-  if constexpr (std::is_same_v<S, float>) {
-    return sqrtf(x);  // IEEE (correctly rounded) unless built with --use_fast_math, which we do not
-  } else {
-    return sqrt(x);
+__device__ __forceinline__ S relative_residual(double sq_diff, double sq_norm) {
+  if (!isfinite(sq_diff) || !isfinite(sq_norm)) {
+    return static_cast<S>(NAN);
   }
+  // IEEE sqrt and division (correctly rounded) unless built with --use_fast_math, which we do not
+  return static_cast<S>(sqrt(sq_diff) / (sqrt(sq_norm) + kResidualEps));
 }
 
-// ||x_next - x|| / (||x_next|| + 1e-5) from the squared norms, in the state type (as the reference).
+// The stopping rule on a residual r (a row's, or the batch's): r < tol converged; not finite: stopped,
+// unconverged (a non-finite iterate is never iterated on); else another step.
+enum class Verdict { kGoOn, kConverged, kNonFinite };
+
 template <typename S>
-__device__ __forceinline__ S relative_residual(S sq_diff, S sq_norm) {
-  return square_root(sq_diff) / (square_root(sq_norm) + static_cast<S>(kResidualEps));
+__device__ __forceinline__ Verdict verdict(S r, S tol) {
+  if (r < tol) {
+    return Verdict::kConverged;
+  }
+  return isfinite(r) ? Verdict::kGoOn : Verdict::kNonFinite;
+}
+
+// x^2 in double, exactly for a float x.
+template <typename S>
+__device__ __forceinline__ double square(S x) {
+  const double w = static_cast<double>(x);
+  return w * w;
 }
 
 // The map's epilogue on one element: act(acc + u) forward, D * (acc + v) adjoint.
@@ -187,8 +209,9 @@ struct BlockParams {
 //   x      [2][16][ldx] State   the master state, ping-pong: step k reads buffer k&1, writes the other
 //   op     [2][16][ldo] Operand its operand copy (HalfEngine only; else the master is the operand)
 //   stage  [warps][16*16] State one warp's accumulator tile, for the epilogue
-//   sq     [16][2] State        per-row sum of squared differences / squared next values
-//   res    [16] State, its [16] int, active [16] int, done int
+//   sq     [16][2] double       per-row sum of squared differences / squared next values
+//   res    [16] State, its [16] int, active [16] int (1 active, 0 converged, -1 stopped unconverged),
+//   done int (the batch rule was met)
 template <class E>
 struct BlockLayout {
   using S = typename E::State;
@@ -211,7 +234,7 @@ struct BlockLayout {
     off_stage = at;
     at += align(sizeof(S) * warps * 256);
     off_sq = at;
-    at += align(sizeof(S) * kBlockRows * 2);
+    at += align(sizeof(double) * kBlockRows * 2);
     off_res = at;
     at += align(sizeof(S) * kBlockRows);
     off_its = at;
@@ -300,7 +323,7 @@ __global__ void __launch_bounds__(kMaxBlockWarps * 32, 1) dense_solve_block_kern
   S* xs = reinterpret_cast<S*>(smem);
   Op* xo = E::kSeparateOperand ? reinterpret_cast<Op*>(smem + L.off_op) : reinterpret_cast<Op*>(smem);
   S* stage_all = reinterpret_cast<S*>(smem + L.off_stage);
-  S* sq = reinterpret_cast<S*>(smem + L.off_sq);
+  double* sq = reinterpret_cast<double*>(smem + L.off_sq);
   S* res_s = reinterpret_cast<S*>(smem + L.off_res);
   int* its_s = reinterpret_cast<int*>(smem + L.off_its);
   int* active_s = reinterpret_cast<int*>(smem + L.off_active);
@@ -338,8 +361,8 @@ __global__ void __launch_bounds__(kMaxBlockWarps * 32, 1) dense_solve_block_kern
     }
   }
   if (tid < kBlockRows) {
-    sq[2 * tid] = S(0);
-    sq[2 * tid + 1] = S(0);
+    sq[2 * tid] = 0.0;
+    sq[2 * tid + 1] = 0.0;
     its_s[tid] = 0;
     res_s[tid] = S(INFINITY);
     active_s[tid] = tid < rows;
@@ -368,9 +391,9 @@ __global__ void __launch_bounds__(kMaxBlockWarps * 32, 1) dense_solve_block_kern
       const int n0 = t * 16;
       block_tile_product<E>(a_cur, ldo, p.m, dp, n0, stage, lane);
       __syncwarp();
-      S sd = S(0);
-      S sn = S(0);
-      const bool row_active = active_s[lr] != 0;
+      double sd = 0.0;
+      double sn = 0.0;
+      const bool row_active = active_s[lr] > 0;
       if (row_active) {
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
@@ -379,9 +402,9 @@ __global__ void __launch_bounds__(kMaxBlockWarps * 32, 1) dense_solve_block_kern
             const size_t g = grow * d + j;
             const S side1 = MODE == kAdjoint ? p.side1[g] : S(0);
             const S next = epilogue_value<MODE, S>(stage[lr * 16 + c0 + e], p.side0[g], side1);
-            const S diff = next - x_cur[lr * ldx + j];
-            sd += diff * diff;
-            sn += next * next;
+            const S diff = next - x_cur[lr * ldx + j];  // in S, as the reference
+            sd += square(diff);
+            sn += square(next);
             x_next[lr * ldx + j] = next;
             if constexpr (E::kSeparateOperand) {
               o_next[lr * ldo + j] = E::to_operand(next);
@@ -402,31 +425,30 @@ __global__ void __launch_bounds__(kMaxBlockWarps * 32, 1) dense_solve_block_kern
     // the stopping rule, one lane per row (warp 0)
     if (warp == 0) {
       const bool mine = lane < kBlockRows;
-      const bool act = mine && active_s[lane] != 0;
-      const S sd = mine ? sq[2 * lane] : S(0);
-      const S sn = mine ? sq[2 * lane + 1] : S(0);
-      const S r = relative_residual(sd, sn);
-      bool stop = r < p.tol;  // a NaN residual compares false: never stops
-      if (p.batch_stop) {
-        const S total = relative_residual(warp_sum(sd), warp_sum(sn));
-        stop = total < p.tol;
-        if (stop && lane == 0) {
+      const bool act = mine && active_s[lane] > 0;
+      const double sd = mine ? sq[2 * lane] : 0.0;
+      const double sn = mine ? sq[2 * lane + 1] : 0.0;
+      const S r = relative_residual<S>(sd, sn);
+      Verdict v = verdict(r, p.tol);
+      if (p.batch_stop) {  // the CTA's rows are the whole batch: its ratio decides for all of them
+        v = verdict(relative_residual<S>(warp_sum(sd), warp_sum(sn)), p.tol);
+        if (v == Verdict::kConverged && lane == 0) {
           *done_s = 1;
         }
       }
       if (act) {
         its_s[lane] += 1;
         res_s[lane] = r;
-        if (stop) {
-          active_s[lane] = 0;
+        if (v != Verdict::kGoOn) {
+          active_s[lane] = v == Verdict::kConverged ? 0 : -1;
         }
       }
       if (mine) {
-        sq[2 * lane] = S(0);
-        sq[2 * lane + 1] = S(0);
+        sq[2 * lane] = 0.0;
+        sq[2 * lane + 1] = 0.0;
       }
     }
-    any_active = __syncthreads_or(tid < kBlockRows && active_s[tid] != 0) != 0;
+    any_active = __syncthreads_or(tid < kBlockRows && active_s[tid] > 0) != 0;
   }
 
   // a row's state is in the buffer its iteration count points at
@@ -457,7 +479,7 @@ struct StepParams {
   const S* __restrict__ side0;    // (B, d)
   const S* __restrict__ side1;    // (B, d) or null
   const uint8_t* __restrict__ active;  // (B,)
-  S* sums;                        // (B, 2): sum of squared differences, of squared next values
+  double* sums;                   // (B, 2): sum of squared differences, of squared next values
   const int* num_active;          // (1,): 0 once every row stopped
 };
 
@@ -688,8 +710,8 @@ __global__ void __launch_bounds__(kStepThreads) dense_step_kernel(const StepPara
       continue;  // uniform across the warp
     }
     const size_t gr = static_cast<size_t>(m0 + r);
-    S sd = S(0);
-    S sn = S(0);
+    double sd = 0.0;
+    double sn = 0.0;
 #pragma unroll
     for (int c = lane; c < BN; c += 32) {
       const int j = n0 + c;
@@ -698,9 +720,9 @@ __global__ void __launch_bounds__(kStepThreads) dense_step_kernel(const StepPara
         const S side1 = MODE == kAdjoint ? p.side1[g] : S(0);
         const S next = epilogue_value<MODE, S>(Cs[r * LDC + c], p.side0[g], side1);
         const size_t x = gr * dp + j;
-        const S diff = next - p.x_cur[x];
-        sd += diff * diff;
-        sn += next * next;
+        const S diff = next - p.x_cur[x];  // in S, as the reference
+        sd += square(diff);
+        sn += square(next);
         p.x_next[x] = next;
         if constexpr (E::kSeparateOperand) {
           p.op_next[x] = E::to_operand(next);
@@ -716,42 +738,45 @@ __global__ void __launch_bounds__(kStepThreads) dense_step_kernel(const StepPara
   }
 }
 
-// After a step: rows still active count the step, take its residual and (per-sample rule) stop when
-// it is below tol; the batch rule stops all rows at once. Writes the number of active rows.
+// After a step: rows still active count the step and take its residual; under the per-sample rule a
+// row stops when its residual is below tol (converged) or not finite (unconverged); the batch rule
+// stops all rows at once when the batch ratio is (converged) or is not finite (unconverged). Writes
+// the number of active rows.
 template <typename S>
 __global__ void __launch_bounds__(kFinalizeThreads) dense_finalize_kernel(
-    int batch, S* __restrict__ sums, uint8_t* __restrict__ active, int* __restrict__ iterations,
+    int batch, double* __restrict__ sums, uint8_t* __restrict__ active, int* __restrict__ iterations,
     S* __restrict__ residual, bool* __restrict__ converged, S tol, bool batch_stop, int* num_active) {
-  __shared__ S red_d[kFinalizeThreads / 32];
-  __shared__ S red_n[kFinalizeThreads / 32];
+  __shared__ double red_d[kFinalizeThreads / 32];
+  __shared__ double red_n[kFinalizeThreads / 32];
   __shared__ int red_a[kFinalizeThreads / 32];
-  __shared__ int done_s;
+  __shared__ int verdict_s;  // the batch rule's Verdict
   if (*num_active == 0) {
     return;  // nothing ran in the step before
   }
   const int tid = threadIdx.x;
-  S total_d = S(0);
-  S total_n = S(0);
+  double total_d = 0.0;
+  double total_n = 0.0;
   int alive = 0;
   for (int b = tid; b < batch; b += blockDim.x) {
     if (!active[b]) {
       continue;
     }
-    S* row_sums = sums + 2 * static_cast<size_t>(b);
-    const S sd = row_sums[0];
-    const S sn = row_sums[1];
-    row_sums[0] = S(0);
-    row_sums[1] = S(0);
-    const S r = relative_residual(sd, sn);
+    double* row_sums = sums + 2 * static_cast<size_t>(b);
+    const double sd = row_sums[0];
+    const double sn = row_sums[1];
+    row_sums[0] = 0.0;
+    row_sums[1] = 0.0;
+    const S r = relative_residual<S>(sd, sn);
     iterations[b] += 1;
     residual[b] = r;
     total_d += sd;
     total_n += sn;
-    if (!batch_stop && r < tol) {  // NaN compares false: never converged
-      active[b] = 0;
-      converged[b] = true;
-    } else {
+    const Verdict v = batch_stop ? Verdict::kGoOn : verdict(r, tol);
+    if (v == Verdict::kGoOn) {
       ++alive;
+    } else {
+      active[b] = 0;
+      converged[b] = v == Verdict::kConverged;
     }
   }
   // block reduction of the totals and the count
@@ -768,23 +793,24 @@ __global__ void __launch_bounds__(kFinalizeThreads) dense_finalize_kernel(
   __syncthreads();
   if (warp == 0) {
     const int warps = blockDim.x >> 5;
-    total_d = lane < warps ? red_d[lane] : S(0);
-    total_n = lane < warps ? red_n[lane] : S(0);
+    total_d = lane < warps ? red_d[lane] : 0.0;
+    total_n = lane < warps ? red_n[lane] : 0.0;
     alive = lane < warps ? red_a[lane] : 0;
     total_d = warp_sum(total_d);
     total_n = warp_sum(total_n);
     alive = warp_sum(alive);
     if (lane == 0) {
-      const bool done = batch_stop && relative_residual(total_d, total_n) < tol;
-      done_s = done;
-      *num_active = done ? 0 : alive;
+      const Verdict v = batch_stop ? verdict(relative_residual<S>(total_d, total_n), tol) : Verdict::kGoOn;
+      verdict_s = static_cast<int>(v);
+      *num_active = v == Verdict::kGoOn ? alive : 0;
     }
   }
   __syncthreads();
-  if (done_s) {
+  if (verdict_s != static_cast<int>(Verdict::kGoOn)) {
+    const bool met = verdict_s == static_cast<int>(Verdict::kConverged);
     for (int b = tid; b < batch; b += blockDim.x) {
       active[b] = 0;
-      converged[b] = true;
+      converged[b] = met;
     }
   }
 }

@@ -9,9 +9,9 @@
 // of 64 x 64 tiles, where each CTA reads only its slice of W, is faster). The batch rule needs a
 // reduction over the whole batch after every step, so it runs here only when the batch is one CTA.
 //
-// Stepwise: per step, dense_step_kernel over (B/64) x (dp/64) tiles, then dense_finalize_kernel (one
-// CTA) updates the per-row counts, residuals and stop flags and the number of active rows, all on the
-// device. The host reads that number back every kHostCheckEvery steps only (one 4-byte copy and a
+// Stepwise: per step, dense_step_kernel over (B/64) x (dp/64) tiles (per-row squared norms summed in
+// double), then dense_finalize_kernel (one CTA) updates the per-row counts, residuals and stop flags
+// and the number of active rows, all on the device. The host reads that number back every kHostCheckEvery steps only (one 4-byte copy and a
 // stream sync); launches after the end are no-ops (the kernels read the count first). A row's state
 // ping-pongs between two buffers and stays put once it stops, so the final state of row b is in
 // buffer iterations[b] & 1 (dense_gather_kernel); stopped rows cost nothing but their share of the
@@ -127,7 +127,7 @@ SolveOutputs run_dense(const DenseProblem& pr) {
     ops[0].copy_(x[0]);  // round to nearest, as the kernels' conversions
   }
   at::Tensor active = at::ones({batch}, options.dtype(at::kByte));
-  at::Tensor sums = at::zeros({batch, 2}, options);
+  at::Tensor sums = at::zeros({batch, 2}, options.dtype(at::kDouble));  // squared norms, summed in double
   at::Tensor num_active = at::full({1}, batch, options.dtype(at::kInt));
 
   S* xb[2] = {x[0].data_ptr<S>(), x[1].data_ptr<S>()};
@@ -144,7 +144,7 @@ SolveOutputs run_dense(const DenseProblem& pr) {
   p.side0 = side0;
   p.side1 = side1;
   p.active = active.const_data_ptr<uint8_t>();
-  p.sums = sums.data_ptr<S>();
+  p.sums = sums.data_ptr<double>();
   p.num_active = num_active.const_data_ptr<int>();
   const dim3 grid(static_cast<unsigned>((batch + kStepBM - 1) / kStepBM), static_cast<unsigned>((dp + kStepBN - 1) / kStepBN));
   int* iterations_ptr = iterations.data_ptr<int>();
