@@ -17,34 +17,25 @@ struct Interrupt::PendingError {
 };
 
 namespace {
-// Bounds of the number of polls between clock reads.
-constexpr int64_t kMaxStride = int64_t{1} << 20;
+// A clock read about every this much work (5 us at 4 ps a unit), and at least every kMaxStride steps.
+constexpr int64_t kWorkPerClockRead = 1250000;
+constexpr int64_t kMaxStride = 256;
 }  // namespace
 
 Interrupt::Interrupt()
-    : owner_(std::this_thread::get_id()), enabled_(Py_IsInitialized() != 0), last_read_(Clock::now()),
-      last_check_(last_read_) {
-  if (!enabled_) {
-    stride_ = kMaxStride;
-  }
-}
+    : owner_(std::this_thread::get_id()), enabled_(Py_IsInitialized() != 0), last_check_(Clock::now()) {}
 
 Interrupt::~Interrupt() = default;
 
+void Interrupt::set_step_work(int64_t work) {
+  stride_ = std::clamp<int64_t>(kWorkPerClockRead / std::max<int64_t>(work, 1), 1, kMaxStride);
+}
+
 bool Interrupt::poll_clock() {
-  calls_ = 0;
   if (!enabled_) {
     return false;
   }
   const auto now = Clock::now();
-  const auto since_read = now - last_read_;
-  last_read_ = now;
-  // a clock read about every millisecond
-  if (since_read < std::chrono::microseconds(500)) {
-    stride_ = std::min(2 * stride_, kMaxStride);
-  } else if (since_read > std::chrono::milliseconds(2) && stride_ > 1) {
-    stride_ /= 2;
-  }
   if (now - last_check_ < kPollInterval) {
     return stopped();
   }

@@ -9,8 +9,11 @@
 // have left their parallel regions the calling thread calls rethrow_if_interrupted(), which throws
 // it on as torch's python_error: the op's caller sees the KeyboardInterrupt itself.
 //
-// The clock is read only every `stride` polls, the stride adapting so that reads come about every
-// millisecond: a step of a tiny problem costs tens of nanoseconds, as much as a read of the clock.
+// The clock (20 ns a read) is read every step, or for tiny steps every `stride` steps, the stride set
+// from the loop's estimate of a step's work (set_step_work) so that a read comes about every 5 us of
+// work. Fixed, not adapted to measured times: when the steps slow down (another process takes the
+// cores, and a fork/join per step waits for a descheduled thread), a stride grown on fast steps would
+// delay the next read by as many slow steps (seen: 1 s).
 // Signals are only delivered to Python's main thread, so a solve called from another thread is
 // interrupted only through its own caller (PyErr_CheckSignals does nothing there); without a Python
 // interpreter (the library loaded by a C++ program) the check never runs.
@@ -36,11 +39,15 @@ class Interrupt {
   // Whether the calling thread is the one that polls (the op's caller).
   bool polls_here() const { return std::this_thread::get_id() == owner_; }
 
+  // The work of one step, in the units of solver.cpp's thread model (about 4 ps each on one core).
+  void set_step_work(int64_t work);
+
   // Once per step, on the thread that polls: whether the solve must stop (a signal handler raised).
   bool poll() {
     if (++calls_ < stride_) {
       return stopped();
     }
+    calls_ = 0;
     return poll_clock();
   }
 
@@ -75,7 +82,7 @@ class Interrupt {
   using Clock = std::chrono::steady_clock;
   static constexpr auto kPollInterval = std::chrono::milliseconds(50);
 
-  bool poll_clock();     // reads the clock; checks for signals when kPollInterval has passed
+  bool poll_clock();     // reads the clock; checks for signals once kPollInterval has passed
   bool check_signals();  // takes the GIL, runs PyErr_CheckSignals(), keeps what a handler raised
 
   struct PendingError;                    // the Python exception (interrupt.cpp: Python headers)
@@ -84,7 +91,7 @@ class Interrupt {
   const bool enabled_;                    // a Python interpreter is running
   std::atomic<bool> stopped_{false};
   int64_t calls_ = 0, stride_ = 1;        // polls since the last clock read, and between reads
-  Clock::time_point last_read_, last_check_;
+  Clock::time_point last_check_;
   std::mutex mutex_;
   std::condition_variable wake_;
 };

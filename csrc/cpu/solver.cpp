@@ -140,6 +140,8 @@ class Iteration {
     for (int64_t k = 0; k < threads_; ++k) {
       scratch_.push_back(make_scratch(max_rows));
     }
+    // Ctrl-C: the polling thread's step is a group's rows, or under the whole-batch rule every row
+    interrupt_.set_step_work((batch_stop_ ? batch_ : max_rows) * work_per_row);
   }
 
   SolveOutputs run() {
