@@ -14,9 +14,10 @@
 // work. Fixed, not adapted to measured times: when the steps slow down (another process takes the
 // cores, and a fork/join per step waits for a descheduled thread), a stride grown on fast steps would
 // delay the next read by as many slow steps (seen: 1 s).
-// Signals are only delivered to Python's main thread, so a solve called from another thread is
-// interrupted only through its own caller (PyErr_CheckSignals does nothing there); without a Python
-// interpreter (the library loaded by a C++ program) the check never runs.
+//
+// Python runs signal handlers on its main thread only: a solve called from another thread is not
+// interrupted (PyErr_CheckSignals does nothing there); without a Python interpreter (the library
+// loaded by a C++ program) the check never runs.
 #pragma once
 
 #include <atomic>
