@@ -19,6 +19,7 @@ import pcdeq_kernels as pk
 from pcdeq_kernels import backends, reference
 from pcdeq_kernels.activations import ACTIVATIONS
 from pcdeq_kernels.backends import cpu
+from pcdeq_kernels.problem import Problem
 
 from problems import (
     ALL_ACTIVATIONS,
@@ -40,6 +41,7 @@ from problems import (
     opcheck_both_ops,
     ragged_problem,
     setting,
+    spec,
     unrolled_fixed_point,
 )
 
@@ -298,13 +300,13 @@ def test_z0_is_the_starting_point(stop):
 def test_half_precision_is_solved_in_float32(dtype):
     u, w = make_problem(7, 33, "tanh", dtype=dtype)
     z0 = torch.rand_like(u)
-    z, its, res, conv = cpu.forward_solve(u, w, z0, "tanh", 1e-4, 200, "sample")
+    z, its, res, conv = cpu.forward_solve(u, w, z0, spec("tanh", 1e-4, 200, "sample"))
     z_ref, its_ref, res_ref, conv_ref = reference.forward_solve(u, w, "tanh", tol=1e-4, max_iter=200, z0=z0)
     assert z.dtype == dtype and res.dtype == torch.float32 and conv.all()
     # both solve in float32 (1e-5 apart); rounding that to the half dtype can flip one half-ulp
     torch.testing.assert_close(z, z_ref, rtol=torch.finfo(dtype).eps, atol=0)
     v, w64, D = adjoint_problem(7, 33, "tanh", torch.float64)
-    h, *_ = cpu.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), 1e-4, 200, "sample")
+    h, *_ = cpu.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), adjoint_spec(1e-4, 200, "sample"))
     h_ref, *_ = reference.adjoint_solve(v.to(dtype), w64.to(dtype), D.to(dtype), tol=1e-4, max_iter=200)
     assert h.dtype == dtype
     torch.testing.assert_close(h, h_ref, rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps)
@@ -321,7 +323,7 @@ def test_empty_batch():
 
 def test_bad_inputs_raise_clear_errors():
     u, w = make_problem(3, 4, "tanh")
-    check_bad_inputs_raise_clear_errors(cpu, u, w)
+    check_bad_inputs_raise_clear_errors(u, w)
 
 
 # --- through fixed_point: dispatch, gradients, custom-op checks ---------------------------------
@@ -330,8 +332,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_auto_picks_cpu_for_cpu_problems():
     u, w = make_problem(3, 4, "tanh")
     assert pk.available_backends()["cpu"]
-    assert backends.resolve("auto", "cpu", "dense") == "cpu"
-    assert backends.resolve("auto", "cpu", "conv") == "cpu"
+    assert backends.resolve(pk.SolveSpec(), Problem("dense", "cpu", torch.float32, 1)) == "cpu"
+    assert backends.resolve(pk.SolveSpec(), Problem("conv", "cpu", torch.float32, 1)) == "cpu"
     assert pk.fixed_point(u, w)[1].backend == "cpu"
     uc, wc = make_problem(2, 3, "tanh", conv_hw=(4, 4))
     assert pk.fixed_point(uc, wc)[1].backend == "cpu"
@@ -408,10 +410,10 @@ def test_conv_per_image_early_exit(stop, threads):
 
 def test_conv_layouts_z0_half_precision_and_max_iter():
     u, w = make_problem(4, 6, "tanh", conv_hw=(5, 7), weight_scale=0.8)
-    want = cpu.forward_solve(u, w, None, "tanh", 1e-9, 500, "sample")
+    want = cpu.forward_solve(u, w, None, spec("tanh", 1e-9, 500, "sample"))
     # a channels-last input gives the same answer and gets a channels-last state back (as empty_like)
     u_cl = u.contiguous(memory_format=torch.channels_last)
-    got = cpu.forward_solve(u_cl, w, None, "tanh", 1e-9, 500, "sample")
+    got = cpu.forward_solve(u_cl, w, None, spec("tanh", 1e-9, 500, "sample"))
     assert got[0].is_contiguous(memory_format=torch.channels_last) and want[0].is_contiguous()
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-13, atol=1e-13)
@@ -422,7 +424,7 @@ def test_conv_layouts_z0_half_precision_and_max_iter():
     check_max_iter_cap(cpu, u, w, "tanh", 3)
     # half precision is solved in float32 (as the reference)
     for dtype in (torch.float16, torch.bfloat16):
-        z, its, res, conv = cpu.forward_solve(u.to(dtype), w.to(dtype), None, "tanh", 1e-4, 200, "sample")
+        z, its, res, conv = cpu.forward_solve(u.to(dtype), w.to(dtype), None, spec("tanh", 1e-4, 200, "sample"))
         z_ref, *_ = reference.forward_solve(u.to(dtype), w.to(dtype), "tanh", tol=1e-4, max_iter=200)
         assert z.dtype == dtype and res.dtype == torch.float32 and conv.all()
         torch.testing.assert_close(z, z_ref, rtol=torch.finfo(dtype).eps, atol=0)
@@ -430,7 +432,7 @@ def test_conv_layouts_z0_half_precision_and_max_iter():
 
 def test_conv_bad_inputs_raise_clear_errors():
     u, w = make_problem(2, 3, "tanh", conv_hw=(4, 4))
-    check_bad_inputs_raise_clear_errors(cpu, u, w)
+    check_bad_inputs_raise_clear_errors(u, w)
 
 
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)

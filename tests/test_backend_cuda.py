@@ -48,6 +48,7 @@ import torch
 import pcdeq_kernels as pk
 from pcdeq_kernels import backends, reference
 from pcdeq_kernels.backends import cuda
+from pcdeq_kernels.problem import Problem
 
 from problems import (
     ALL_ACTIVATIONS,
@@ -70,6 +71,7 @@ from problems import (
     not_slower,
     opcheck_both_ops,
     ragged_problem,
+    spec,
 )
 
 ROOT = Path(__file__).parents[1]
@@ -215,14 +217,14 @@ def test_tf32_forward_and_adjoint(activation, stop, path, fp32_tf32):
         its64 = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)[1]
         z_star = reference.forward_solve(u, w, activation, tol=1e-13, max_iter=3000)[0]
         c = reference.contraction_bound(z_star, u, activation)
-        z, its, res, conv = cuda.forward_solve(u.float(), w.float(), None, activation, 1e-4, 500, stop)
+        z, its, res, conv = cuda.forward_solve(u.float(), w.float(), None, spec(activation, 1e-4, 500, stop))
         assert z.dtype == torch.float32 and res.dtype == torch.float32
         assert conv.all(), (batch, dim)  # from z0 = 0 the rounded iteration is monotone: it must stop
         assert_within_rounding(z, z_star, c, "tf32", stop)
         assert not_slower(its, its64), (batch, dim, its, its64)
         v, w64, D = _adjoint_problem(batch, dim, activation, torch.float64, seed=seed)
         h_star = reference.adjoint_solve(v, w64, D, tol=1e-13, max_iter=3000)[0]
-        h, *_ = cuda.adjoint_solve(v.float(), w64.float(), D.float(), 1e-4, 500, stop)
+        h, *_ = cuda.adjoint_solve(v.float(), w64.float(), D.float(), adjoint_spec(1e-4, 500, stop))
         assert_within_rounding(h, h_star, c, "tf32", stop)
 
 
@@ -241,9 +243,9 @@ def test_fp32_precision_setting_picks_the_engine(api):
     u, w = _gpu(*make_problem(33, 300, "tanh", dtype=torch.float64, weight_scale=0.5))
     z_star = reference.forward_solve(u, w, "tanh", tol=1e-13, max_iter=2000)[0]
     with PRECISION_APIS[api]["exact"]():
-        exact = cuda.forward_solve(u.float(), w.float(), None, "tanh", 1e-7, 500, "sample")[0]
+        exact = cuda.forward_solve(u.float(), w.float(), None, spec("tanh", 1e-7, 500, "sample"))[0]
     with PRECISION_APIS[api]["tf32"]():
-        tf32 = cuda.forward_solve(u.float(), w.float(), None, "tanh", 1e-7, 500, "sample")[0]
+        tf32 = cuda.forward_solve(u.float(), w.float(), None, spec("tanh", 1e-7, 500, "sample"))[0]
     assert _sample_rel_err(exact, z_star) < 1e-5
     assert 1e-6 < _sample_rel_err(tf32, z_star) <= TF32_RTOL
 
@@ -255,7 +257,7 @@ def test_fp32_precision_setting_picks_the_engine(api):
 def test_half_precision_forward_and_adjoint(activation, dtype, stop, path):
     for seed, (batch, dim) in enumerate(SHAPES):
         u, w = _gpu(*make_problem(batch, dim, activation, dtype=dtype, seed=seed))
-        z, its, res, conv = cuda.forward_solve(u, w, None, activation, 1e-4, 500, stop)
+        z, its, res, conv = cuda.forward_solve(u, w, None, spec(activation, 1e-4, 500, stop))
         z_ref, its_ref, *_ = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)
         c = reference.contraction_bound(reference.forward_solve(u, w, activation, tol=1e-6, max_iter=3000)[0], u, activation)
         assert z.dtype == dtype and res.dtype == torch.float32 and its.dtype == torch.int32
@@ -264,7 +266,7 @@ def test_half_precision_forward_and_adjoint(activation, dtype, stop, path):
         assert not_slower(its, its_ref), (batch, dim, its, its_ref)
         v, w64, D = _adjoint_problem(batch, dim, activation, torch.float64, seed=seed)
         v, wh, D = v.to(dtype), w64.to(dtype), D.to(dtype)
-        h, *_ = cuda.adjoint_solve(v, wh, D, 1e-4, 500, stop)
+        h, *_ = cuda.adjoint_solve(v, wh, D, adjoint_spec(1e-4, 500, stop))
         h_ref, *_ = reference.adjoint_solve(v, wh, D, tol=1e-4, max_iter=500, stop=stop)
         assert h.dtype == dtype
         assert_within_rounding(h, h_ref, c, dtype, stop)
@@ -308,7 +310,7 @@ def test_empty_batch():
 @gpu
 def test_bad_inputs_raise_clear_errors():
     u, w = _gpu(*make_problem(3, 4, "tanh"))
-    check_bad_inputs_raise_clear_errors(cuda, u, w)
+    check_bad_inputs_raise_clear_errors(u, w)
     with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
         torch.ops.pcdeq_C.forward_solve(u, w.cpu(), None, 0, 1e-4, 10, False)
 
@@ -340,7 +342,7 @@ def test_forced_single_launch_that_cannot_run_says_so(monkeypatch):
 @gpu
 def test_auto_picks_cuda_for_dense_cuda_problems():
     assert pk.available_backends()["cuda"]
-    assert backends.resolve("auto", "cuda", "dense") == "cuda"
+    assert backends.resolve(pk.SolveSpec(), Problem("dense", "cuda", torch.float32, 1)) == "cuda"
     u, w = _gpu(*make_problem(3, 4, "tanh"))
     assert pk.fixed_point(u, w)[1].backend == "cuda"  # conv: tests/test_backend_cuda_conv.py
 

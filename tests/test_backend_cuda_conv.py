@@ -66,6 +66,7 @@ from problems import (
     not_slower,
     opcheck_both_ops,
     ragged_problem,
+    spec,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -170,10 +171,10 @@ def test_ragged_convergence_freezing_and_compaction(stop, schedule):
 def test_per_image_counts_equal_solving_each_image_alone(schedule):
     u, w = _conv_problem((12, 4, 5, 7), "tanh", weight_scale=0.9)
     u = u * torch.logspace(-2, 0.5, 12, dtype=torch.float64, device="cuda")[:, None, None, None]
-    z, its, res, conv = cuda.forward_solve(u, w, None, "tanh", 1e-11, 2000, "sample")
+    z, its, res, conv = cuda.forward_solve(u, w, None, spec("tanh", 1e-11, 2000, "sample"))
     assert its.unique().numel() > 3
     for b in range(12):
-        z1, its1, res1, _ = cuda.forward_solve(u[b : b + 1], w, None, "tanh", 1e-11, 2000, "sample")
+        z1, its1, res1, _ = cuda.forward_solve(u[b : b + 1], w, None, spec("tanh", 1e-11, 2000, "sample"))
         assert abs(int(its1) - int(its[b])) <= 1
         if int(its1) == int(its[b]):
             torch.testing.assert_close(z1[0], z[b], rtol=1e-12, atol=1e-12)
@@ -221,23 +222,23 @@ def test_channels_last_and_strided_inputs(dtype, cudnn_ieee):
     # the result does not depend on the inputs' memory format, and the state comes back in it
     # (as torch.empty_like(u), which the op's fake kernel promises)
     u, w = _conv_problem((4, 17, 9, 11), "tanh", dtype=dtype)
-    want = cuda.forward_solve(u, w, None, "tanh", 1e-6, 500, "sample")
+    want = cuda.forward_solve(u, w, None, spec("tanh", 1e-6, 500, "sample"))
     u_cl = u.contiguous(memory_format=torch.channels_last)
     w_cl = w.contiguous(memory_format=torch.channels_last)
     wide = torch.zeros(4, 17, 9, 22, dtype=dtype, device="cuda")
     wide[..., ::2] = u
     u_strided = wide[..., ::2]
     for uu, ww in ((u_cl, w), (u_cl, w_cl), (u, w_cl), (u_strided, w)):
-        got = cuda.forward_solve(uu, ww, None, "tanh", 1e-6, 500, "sample")
+        got = cuda.forward_solve(uu, ww, None, spec("tanh", 1e-6, 500, "sample"))
         assert got[0].stride() == torch.empty_like(uu).stride()
         for g, e in zip(got, want):
             assert torch.equal(g, e)
-    z_cl = cuda.forward_solve(u_cl, w, None, "tanh", 1e-6, 500, "sample")[0]
+    z_cl = cuda.forward_solve(u_cl, w, None, spec("tanh", 1e-6, 500, "sample"))[0]
     assert z_cl.is_contiguous(memory_format=torch.channels_last)
     v, w64, D = _adjoint_problem((4, 17, 9, 11), "tanh", dtype)
-    want = cuda.adjoint_solve(v, w64, D, 1e-6, 500, "batch")
+    want = cuda.adjoint_solve(v, w64, D, adjoint_spec(1e-6, 500, "batch"))
     v_cl, D_cl = (t.contiguous(memory_format=torch.channels_last) for t in (v, D))
-    got = cuda.adjoint_solve(v_cl, w64, D_cl, 1e-6, 500, "batch")
+    got = cuda.adjoint_solve(v_cl, w64, D_cl, adjoint_spec(1e-6, 500, "batch"))
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     for g, e in zip(got, want):
         assert torch.equal(g, e)
@@ -247,12 +248,12 @@ def test_inputs_are_not_modified():
     u, w = _conv_problem((3, 5, 7, 6), "tanh")
     z0 = torch.rand_like(u)
     saved = (u.clone(), w.clone(), z0.clone())
-    cuda.forward_solve(u, w, z0, "tanh", 1e-9, 500, "sample")
-    cuda.forward_solve(u, w, None, "tanh", 1e-9, 500, "batch")
+    cuda.forward_solve(u, w, z0, spec("tanh", 1e-9, 500, "sample"))
+    cuda.forward_solve(u, w, None, spec("tanh", 1e-9, 500, "batch"))
     assert all(torch.equal(a, b) for a, b in zip((u, w, z0), saved))
     v, w2, D = _adjoint_problem((3, 5, 7, 6), "tanh", torch.float64)
     saved = (v.clone(), w2.clone(), D.clone())
-    cuda.adjoint_solve(v, w2, D, 1e-9, 500, "sample")
+    cuda.adjoint_solve(v, w2, D, adjoint_spec(1e-9, 500, "sample"))
     assert all(torch.equal(a, b) for a, b in zip((v, w2, D), saved))
 
 
@@ -269,7 +270,7 @@ def test_without_cudnn_and_with_cudnn_benchmark(cudnn_ieee):
             before = torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark
             torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark = enabled, benchmark
             try:
-                got = cuda.forward_solve(uu, ww, None, "tanh", tol, 500, "sample")
+                got = cuda.forward_solve(uu, ww, None, spec("tanh", tol, 500, "sample"))
             finally:
                 torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark = before
             _check_against_reference(got, want, forward_map(uu, ww, "tanh"), torch.zeros_like(uu), tol, "sample", dtype)
@@ -296,12 +297,12 @@ def test_tf32_forward_and_adjoint(activation, stop, schedule, cudnn_tf32):
     for seed, shape in enumerate(SHAPES):
         u, w, v, D, z_star, h_star, c = _fixed_points_f64(shape, activation, torch.float32, seed)
         its64 = reference.forward_solve(u.double(), w.double(), activation, tol=1e-4, max_iter=500, stop=stop)[1]
-        z, its, res, conv = cuda.forward_solve(u, w, None, activation, 1e-4, 500, stop)
+        z, its, res, conv = cuda.forward_solve(u, w, None, spec(activation, 1e-4, 500, stop))
         assert z.dtype == torch.float32 and res.dtype == torch.float32
         assert conv.all(), shape  # from z0 = 0 the rounded iteration is monotone: it must stop
         assert_within_rounding(z, z_star, c, "tf32", stop)
         assert not_slower(its, its64), (shape, its, its64)
-        h, *_ = cuda.adjoint_solve(v, w, D, 1e-4, 500, stop)
+        h, *_ = cuda.adjoint_solve(v, w, D, adjoint_spec(1e-4, 500, stop))
         assert_within_rounding(h, h_star, c, "tf32", stop)
 
 
@@ -311,13 +312,13 @@ def test_tf32_forward_and_adjoint(activation, stop, schedule, cudnn_tf32):
 def test_half_precision_forward_and_adjoint(activation, dtype, stop, schedule):
     for seed, shape in enumerate(SHAPES):
         u, w, v, D, z_star, h_star, c = _fixed_points_f64(shape, activation, dtype, seed)
-        z, its, res, conv = cuda.forward_solve(u, w, None, activation, 1e-4, 500, stop)
+        z, its, res, conv = cuda.forward_solve(u, w, None, spec(activation, 1e-4, 500, stop))
         its_ref = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)[1]
         assert z.dtype == dtype and res.dtype == torch.float32 and its.dtype == torch.int32
         assert conv.all(), shape
         assert_within_rounding(z, z_star, c, dtype, stop)
         assert not_slower(its, its_ref), (shape, its, its_ref)
-        h, its_h, res_h, _ = cuda.adjoint_solve(v, w, D, 1e-4, 500, stop)
+        h, its_h, res_h, _ = cuda.adjoint_solve(v, w, D, adjoint_spec(1e-4, 500, stop))
         assert h.dtype == dtype and res_h.dtype == torch.float32
         assert_within_rounding(h, h_star, c, dtype, stop)
 
@@ -371,7 +372,7 @@ def test_empty_batch_and_empty_images():
 
 def test_bad_inputs_raise_clear_errors():
     u, w = _conv_problem((2, 3, 4, 4), "tanh")
-    check_bad_inputs_raise_clear_errors(cuda, u, w)
+    check_bad_inputs_raise_clear_errors(u, w)
     with pytest.raises(RuntimeError, match="the cuda backend needs CUDA tensors"):
         torch.ops.pcdeq_C.forward_solve(u, w.cpu(), None, 0, 1e-4, 10, False)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import get_activation
-from ..problem import empty_outputs
+from ..activations import ACTIVATIONS, get_activation, map_ids
+from ..problem import check_like, describe, empty_outputs
 
 OPS = ("forward_solve", "adjoint_solve")
 
@@ -44,13 +44,33 @@ def adjoint_solve(v, weight, D, spec):
     return torch.ops.pcdeq_C.adjoint_solve(v, weight, D, spec.backward_tol, spec.backward_max_iter, spec.batch_stop)
 
 
+def _check_fake_call(op, x_name, x, weight, other_name, other, activation=None):
+    """What the kernels check (csrc/include/pcdeq/op_checks.h), for the calls that reach the fake
+    kernels instead: torch.compile's, and any call with a meta tensor among its arguments (one sends
+    the whole call here), which must be refused rather than answered with uninitialised outputs."""
+    if x.device != weight.device:
+        raise RuntimeError(
+            f"pcdeq_C::{op}: {x_name} is on {x.device} but weight is on {weight.device}; move them to one device"
+        )
+    if other is not None and other.device != x.device:
+        raise RuntimeError(
+            f"pcdeq_C::{op}: {other_name} is on {other.device} but {x_name} is on {x.device}; move them to one device"
+        )
+    describe(x, weight, x_name)
+    check_like(other_name, other, x, x_name)
+    if activation is not None and activation not in {a.kernel_id for a in ACTIVATIONS.values()}:
+        raise RuntimeError(f"pcdeq_C::{op}: unknown activation id {activation} ({map_ids()})")
+
+
 if IMPORT_ERROR is None and hasattr(torch.ops.pcdeq_C, "forward_solve"):
 
     # The compiled kernels return the state in problem.state_format of their input (as the op layer does).
     @torch.library.register_fake("pcdeq_C::forward_solve")
     def _(u, weight, z0, activation, tol, max_iter, batch_stop):
+        _check_fake_call("forward_solve", "u", u, weight, "z0", z0, activation)
         return empty_outputs(u)
 
     @torch.library.register_fake("pcdeq_C::adjoint_solve")
     def _(v, weight, D, tol, max_iter, batch_stop):
+        _check_fake_call("adjoint_solve", "v", v, weight, "D", D)
         return empty_outputs(v)
