@@ -108,7 +108,7 @@ def test_paths_say_why_they_cannot_run_a_dtype_or_kind(monkeypatch):
     loop is dense only. Checked as a GPU machine would see them: every backend there."""
     import types
 
-    gpu_backend = types.SimpleNamespace(supports=lambda device_type, kind: True)
+    gpu_backend = types.SimpleNamespace(unsupported_reason=lambda spec, problem: "", unavailable_reason=lambda: "")
     monkeypatch.setattr(paths.backends, "available_backends", lambda: {"reference": True, "cuda": True, "triton": True})
     monkeypatch.setattr(paths.backends, "get", lambda name: gpu_backend)
     monkeypatch.setattr(paths, "torchdeq_missing_reason", lambda: "")
