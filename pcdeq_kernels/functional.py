@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 from typing import Optional
 
 import torch
@@ -86,12 +85,13 @@ class _FixedPoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, weight, z0, spec, stats_out):
+    def forward(ctx, u, weight, z0, spec, backend, stats_out):
         # (the ctx form: with setup_context, Function.apply binds the arguments through inspect.signature
         # on every call, a cost the paper-sized solve notices)
         with _without_autocast(u):
-            z, its, res, conv = ops.solve(False, u, weight, z0, spec)
+            z, its, res, conv = ops.solve(False, u, weight, z0, spec, backend)
         ctx.spec = spec
+        ctx.backend = backend
         ctx.stats_out = stats_out
         ctx.save_for_backward(u, weight, z)
         ctx.mark_non_differentiable(its, res, conv)
@@ -124,7 +124,7 @@ class _FixedPoint(torch.autograd.Function):
         if spec.backward == "jfb":
             h = D * v
         else:
-            h, its, res, _ = ops.solve(True, v, weight.to(D.dtype), D, spec)
+            h, its, res, _ = ops.solve(True, v, weight.to(D.dtype), D, spec, ctx.backend)
             if not torch.compiler.is_compiling():
                 for stats in ctx.stats_out:
                     stats.backward_iterations.copy_(its)
@@ -133,7 +133,7 @@ class _FixedPoint(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = reference.weight_grad(h, z.to(h.dtype), weight.to(h.dtype)).to(weight.dtype)
-        return grad_u, grad_w, None, None, None
+        return grad_u, grad_w, None, None, None, None
 
 
 @with_solve_options
@@ -168,13 +168,6 @@ def fixed_point(
     return solve(u, weight, spec, z0)
 
 
-@functools.lru_cache(maxsize=256)
-def _with_backend(spec: SolveSpec, backend: str) -> SolveSpec:
-    """``spec`` with its backend resolved (specs are immutable: a cache, since validating a copy costs
-    about 8 us, noticeable next to a paper-sized solve)."""
-    return spec.replace(backend=backend)
-
-
 def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = None) -> tuple[Tensor, SolverStats]:
     """``fixed_point`` for a spec already built: resolve the backend, run the custom ops under autograd."""
     problem = describe(u, weight)
@@ -184,7 +177,9 @@ def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = Non
             "an implicit solve that the transforms cannot see through (and a solve is batched already). Use "
             "torch.autograd (loss.backward() or torch.autograd.grad) on the batch"
         )
-    spec = _with_backend(spec, backends.resolve(spec, problem))
+    # The backend is resolved here and travels by name beside the spec: a spec is never rebuilt in a
+    # call (under torch.compile that would trace its validation; in eager mode it costs about 8 us).
+    backend = backends.resolve(spec, problem)
     if z0 is not None:
         if not isinstance(z0, Tensor):
             raise ValueError(f"z0 must be a tensor shaped like u {tuple(u.shape)}, got {type(z0).__name__}")
@@ -194,10 +189,10 @@ def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = Non
     # stats_out carries the stats object to the backward pass, which fills in the backward fields.
     stats_out: list = []
     if torch.is_grad_enabled() and (u.requires_grad or weight.requires_grad):
-        z, its, res, conv = _FixedPoint.apply(u, weight, z0, spec, stats_out)
+        z, its, res, conv = _FixedPoint.apply(u, weight, z0, spec, backend, stats_out)
     else:  # nothing to differentiate: the solve alone, without an autograd node (inference)
         with _without_autocast(u):
-            z, its, res, conv = ops.solve(False, u, weight, z0, spec)
+            z, its, res, conv = ops.solve(False, u, weight, z0, spec, backend)
     batch = u.shape[0]
     stats = SolverStats(
         forward_iterations=its,
@@ -205,7 +200,7 @@ def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = Non
         converged=conv,
         backward_iterations=torch.zeros(batch, dtype=torch.int32, device=u.device),
         backward_residual=torch.full((batch,), float("nan"), dtype=res.dtype, device=u.device),
-        backend=spec.backend,
+        backend=backend,
         _bound_inputs=(z.detach(), u.detach(), spec.activation),
     )
     stats_out.append(stats)

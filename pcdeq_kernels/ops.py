@@ -208,11 +208,12 @@ def _traced(*tensors: Optional[Tensor]) -> bool:
     )
 
 
-def solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], spec: SolveSpec):
-    """What ``functional`` calls, with a ``spec`` whose backend it resolved for these tensors: the
-    custom op (``adjoint_solve`` or ``forward_solve``) wherever the call is traced, its body directly in
-    plain eager mode, where the op's Python dispatch (and its decoding and checking again of what
-    ``functional`` just checked) would cost about 40 us a call, a tenth of a paper-sized solve."""
+def solve(adjoint: bool, x: Tensor, weight: Tensor, other: Optional[Tensor], spec: SolveSpec, backend: str):
+    """What ``functional`` calls, with the ``backend`` it resolved for ``spec`` and these tensors: the
+    custom op (``adjoint_solve`` or ``forward_solve``) wherever the call is traced (the op resolves the
+    backend again from the spec, to the same one), its body directly in plain eager mode, where the
+    op's Python dispatch (and its decoding and checking again of what ``functional`` just checked)
+    would cost about 40 us a call, a tenth of a paper-sized solve."""
     if _traced(x, weight, other):
         return (adjoint_solve if adjoint else forward_solve)(x, weight, other, spec.key)
-    return _run(adjoint, x, weight, other, spec, backends.get(spec.backend))
+    return _run(adjoint, x, weight, other, spec, backends.get(backend))

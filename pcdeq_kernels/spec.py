@@ -102,6 +102,9 @@ class SolveSpec:
             raise ValueError(f"unknown backend {self.backend!r}: choose one of {BACKENDS}")
         for name, value in resolved.items():  # plain Python numbers, whatever numeric type came in
             object.__setattr__(self, name, value)
+        # The key is built here, once, never under torch.compile: a float that Dynamo has seen take two
+        # values (two layers with different tols) becomes symbolic, and a symbolic float has no repr.
+        object.__setattr__(self, "_key", repr(tuple(getattr(self, name) for name in OPTION_NAMES)))
 
     @classmethod
     def from_options(cls, caller: str, **options) -> "SolveSpec":
@@ -116,8 +119,8 @@ class SolveSpec:
     @property
     def key(self) -> str:
         """The spec as a string, the ``repr`` of its field values in field order (exact for floats):
-        how the custom ops carry it. (Plain ``repr`` rather than JSON: torch.compile traces this.)"""
-        return repr(tuple(getattr(self, name) for name in OPTION_NAMES))
+        how the custom ops carry it. Built at construction (``__post_init__``)."""
+        return self._key
 
     @staticmethod
     @functools.lru_cache(maxsize=256)

@@ -119,3 +119,15 @@ def test_compile_fullgraph_matches_eager(backend, layer_cls, shape):
     (g_comp,) = torch.autograd.grad(z_comp.square().sum(), layer.weight_param.v)
     torch.testing.assert_close(z_comp, z_eager)
     torch.testing.assert_close(g_comp, g_eager)
+
+
+def test_compile_sees_layers_with_different_tols():
+    # Dynamo makes a float symbolic once it has seen two values of it in the same code (two layers
+    # with different tols): the spec must never be formatted or rebuilt inside the traced forward.
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    for tol in (1e-6, 1e-7, 1e-5):
+        layer = pk.PCDEQLinear(8, "tanh", tol=tol)
+        z = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+        torch.testing.assert_close(z, layer(x))
+        assert layer.stats.forward_residual.max() < tol
