@@ -134,6 +134,24 @@ def _assert_solve_matches(out, ref, history, tol, rel):
     assert ((res.cpu() - rres.cpu()).abs()[same] <= 2e-3 * rres.cpu()[same] + 1e-2 * tol).all()
 
 
+def assert_stops_at_non_finite(out, ref, bad, stop, history, tol, rel):
+    """``reference.iterate``'s rule for a sample ``bad`` whose iterate is not finite from its first step:
+    its residual is NaN and it stops after that step, unconverged; under the per-sample rule the others
+    go on (``_assert_solve_matches`` against the reference, with the per-sample ``history``); under the
+    batch rule the batch residual is NaN and every sample stops after that step, unconverged, with its
+    own residual. The states are NaN exactly where the reference's are."""
+    x, its, res, conv = (t.cpu() for t in out)
+    assert res[bad].isnan() and its[bad] == 1 and not conv[bad]
+    assert torch.equal(x.isnan(), ref[0].cpu().isnan())
+    good = torch.arange(len(its)) != bad
+    if stop == "batch":
+        assert (its == 1).all() and not conv.any()
+    else:
+        assert (its[good] > 1).all()
+    _assert_solve_matches(tuple(t[good] for t in (x, its, res, conv)), tuple(t.cpu()[good] for t in ref),
+                          history.cpu()[good], tol, rel)
+
+
 # --------------------------------------------------------------------------------------- activations
 
 
@@ -406,20 +424,57 @@ def test_small_and_single_row_problems(kernel):
         _assert_solve_matches(out, ref, history, 1e-5, 2e-6)
 
 
+def _stops(path):
+    """The stopping rules a path takes (``stop="batch"`` is stepwise or split only)."""
+    return ("sample", "batch") if path in ("stepwise", "split") else ("sample",)
+
+
 @pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_nan_never_counts_as_converged(kernel, activation):
     """A NaN in u (the op layer rejects it; the kernels must still follow the rule) makes that row's
-    state and residual NaN, and the row runs every step unconverged, whatever the activation (relu6
-    included: a clamp written with min/max would turn the NaN into a finite, converged row)."""
+    first iterate and residual NaN: the row stops after that step, unconverged, while the others go on
+    and converge as the reference's do; under the batch rule (stepwise, split) the batch residual is NaN
+    and every row stops after that step, unconverged (tests/problems.py's
+    check_nan_residual_never_counts_as_converged, which the compiled backends run). Whatever the
+    activation: relu6 included (a clamp written with min/max would turn the NaN into a finite row)."""
     path, precision = KERNEL_ROUTES[kernel]
     batch, dim = SHAPES[kernel]
     u, w = _problem(batch, dim, activation)
     u[2, 3] = math.nan
-    z, its, res, conv = dense.forward_solve(u, w, None, spec(activation, 1e-4, 30, "sample"), path=path,
-                                            precision=precision)
-    assert z[2].isnan().all() and res[2].isnan() and its[2] == 30 and not conv[2]
-    assert not z[torch.arange(batch) != 2].isnan().any() and conv[torch.arange(batch) != 2].all()
+    act = get_activation(activation).fn
+    history = _residual_history(lambda z: act(z @ w.T + u), torch.zeros_like(u), 30)
+    for stop in _stops(path):
+        out = dense.forward_solve(u, w, None, spec(activation, 1e-4, 30, stop), path=path, precision=precision)
+        ref = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=30, stop=stop)
+        assert_stops_at_non_finite(out, ref, 2, stop, history, 1e-4, 2e-6)
+        assert out[3].cpu()[torch.arange(batch) != 2].all() == (stop == "sample")
+
+
+@pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))
+def test_huge_states_do_not_overflow_the_residual(kernel):
+    """The adjoint from v scaled by 1e20 (the backward of a 1e20-scaled gradient): the squares of its
+    state overflow float32, so the per-row (and batch) sums are float64: residuals, counts and flags are
+    the reference's, under either stopping rule (float32 sums overflow: inf/inf = NaN at the first step,
+    or finite/inf = 0, "converged", near the end). And a row whose state is NaN from h_0 (a NaN in v)
+    stops at its first step, unconverged, the others going on (the batch: all stopping there)."""
+    path, precision = KERNEL_ROUTES[kernel]
+    batch, dim = SHAPES[kernel]
+    v, w, D = _adjoint_problem(batch, dim, "tanh")
+    v = v * 1e20
+    step = lambda h: D * (h @ w + v)  # noqa: E731
+    for stop in _stops(path):
+        out = dense.adjoint_solve(v, w, D, adjoint_spec(1e-4, 200, stop), path=path, precision=precision)
+        ref = reference.adjoint_solve(v, w, D, tol=1e-4, max_iter=200, stop=stop)
+        assert (out[0].abs().amax(1) > 1e19).all() and out[3].all() and (out[1] > 2).all()
+        history = (_residual_history if stop == "sample" else _batch_residual_history)(step, D * v, 200)
+        _assert_solve_matches(out, ref, history, 1e-4, 2e-6)
+    v[2, 3] = math.nan
+    history = _residual_history(step, D * v, 200)
+    for stop in _stops(path):
+        out = dense.adjoint_solve(v, w, D, adjoint_spec(1e-4, 200, stop), path=path, precision=precision)
+        ref = reference.adjoint_solve(v, w, D, tol=1e-4, max_iter=200, stop=stop)
+        assert_stops_at_non_finite(out, ref, 2, stop, history, 1e-4, 2e-6)
 
 
 @pytest.mark.parametrize("kernel", list(KERNEL_ROUTES))
@@ -467,7 +522,7 @@ def test_autotuning_can_be_turned_off(monkeypatch):
     of the others); 1 (the default): all that suit it; anything else is an error."""
     from pcdeq_kernels.triton import conv
 
-    named = {"B": 1000, "d": 300, "D_PAD": 128, "PRECISION": "tf32", "C": 64, "H": 16, "Wd": 16}
+    named = {"B": 1000, "d": 300, "D_PAD": 64, "PRECISION": "tf32", "C": 64, "H": 16, "Wd": 16}  # D_PAD 64: several tf32 fits
     prunes = [(dense._prune_onchip, dense.ONCHIP_CONFIGS), (dense._prune_tiles, dense.STEP_CONFIGS),
               (dense._prune_tiles, dense.SCRATCH_CONFIGS), (conv._prune_tiles, conv.STEP_CONFIGS)]
     monkeypatch.delenv("PCDEQ_TRITON_AUTOTUNE", raising=False)

@@ -54,6 +54,7 @@ from test_backend_triton import (  # noqa: E402
     _batch_residual_history,
     _residual_history,
     assert_compiles_fit,
+    assert_stops_at_non_finite,
     assert_forced_config_solve,
     config_id,
     config_precision,
@@ -213,17 +214,51 @@ def test_degenerate_shapes(path):
         _assert_solve_matches(out, ref, history, 1e-5, 2e-6)
 
 
+def _stops(path):
+    """The stopping rules a path takes (``stop="batch"`` is stepwise only)."""
+    return ("sample", "batch") if path == "stepwise" else ("sample",)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
 def test_nan_never_counts_as_converged(path, activation):
-    """A NaN pixel in u (the op layer rejects it; the kernels must still follow the rule) spreads over
-    its image, whose residual is NaN: it runs every step unconverged; the other images are untouched."""
+    """A NaN pixel in u (the op layer rejects it; the kernels must still follow the rule) makes its
+    image's first iterate and residual NaN: the image stops after that step, unconverged, while the
+    others go on and converge as the reference's do; under the batch rule (stepwise) every image stops
+    after that step, unconverged (tests/problems.py's check_nan_residual_never_counts_as_converged)."""
     batch, channels, hw = SHAPES["5x7x6"]
     u, w = _problem(batch, channels, hw, activation)
     u[1, 2, 3, 4] = math.nan
-    z, its, res, conv_ = conv.forward_solve(u, w, None, spec(activation, 1e-4, 30, "sample"), path=path)
-    assert z[1].isnan().all() and res[1].isnan() and its[1] == 30 and not conv_[1]
-    assert not z[[0, 2]].isnan().any() and conv_[[0, 2]].all()
+    history = _residual_history(forward_map(u, w, activation), torch.zeros_like(u), 30)
+    for stop in _stops(path):
+        out = conv.forward_solve(u, w, None, spec(activation, TOL, 30, stop), path=path)
+        ref = reference.forward_solve(u, w, activation, tol=TOL, max_iter=30, stop=stop)
+        assert_stops_at_non_finite(out, ref, 1, stop, history, TOL, 2e-6)
+        assert out[3].cpu()[[0, 2]].all() == (stop == "sample")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_huge_states_do_not_overflow_the_residual(path):
+    """The adjoint from v scaled by 1e20: the squares of its state overflow float32, so the per-image
+    (and batch) sums are float64: residuals, counts and flags are the reference's under either rule;
+    and an image whose state is NaN from h_0 stops at its first step, unconverged (test_backend_triton's
+    test of the same name, for the dense kernels)."""
+    batch, channels, hw = SHAPES["5x7x6"]
+    v, w, D = _adjoint_problem(batch, channels, hw, "tanh")
+    v = v * 1e20
+    step = adjoint_map(v, w, D)
+    for stop in _stops(path):
+        out = conv.adjoint_solve(v, w, D, adjoint_spec(TOL, 200, stop), path=path)
+        ref = reference.adjoint_solve(v, w, D, tol=TOL, max_iter=200, stop=stop)
+        assert (out[0].flatten(1).abs().amax(1) > 1e19).all() and out[3].all() and (out[1] > 2).all()
+        history = (_residual_history if stop == "sample" else _batch_residual_history)(step, D * v, 200)
+        _assert_solve_matches(out, ref, history, TOL, 2e-6)
+    v[1, 2, 3, 4] = math.nan
+    history = _residual_history(adjoint_map(v, w, D), D * v, 200)
+    for stop in _stops(path):
+        out = conv.adjoint_solve(v, w, D, adjoint_spec(TOL, 200, stop), path=path)
+        ref = reference.adjoint_solve(v, w, D, tol=TOL, max_iter=200, stop=stop)
+        assert_stops_at_non_finite(out, ref, 1, stop, history, TOL, 2e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)

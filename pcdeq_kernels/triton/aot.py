@@ -31,7 +31,7 @@ SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 ARG_TYPES = {
     "x0_ptr": "*T", "bias_ptr": "*T", "scale_ptr": "*T", "w_ptr": "*T", "out_ptr": "*T",
     "its_ptr": "*i32", "res_ptr": "*fp32", "conv_ptr": "*u1", "buf_ptr": "*fp32",
-    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "sums_ptr": "*fp32", "tot_ptr": "*fp32", "active_ptr": "*i32",
+    "x_in_ptr": "*fp32", "x_out_ptr": "*fp32", "sums_ptr": "*fp64", "tot_ptr": "*fp64", "active_ptr": "*i32",
     "B": "i32", "stride_wk": "W1", "stride_wn": "W1", "tol": "fp32", "max_iter": "i32", "t": "i32",
 }
 

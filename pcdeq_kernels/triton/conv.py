@@ -37,9 +37,12 @@ they are, without a copy), the state is float32 NHWC, and the result comes back 
 format (``torch.empty_like``: NCHW for contiguous inputs, channels_last for channels_last ones).
 
 Stopping rule, per image ``b`` (``reference.iterate``): ``r_b = ||x_{k+1,b} - x_{k,b}|| /
-(||x_{k+1,b}|| + 1e-5)`` over the whole image (all channels and pixels); with ``stop="sample"`` an image
-whose ``r_b < tol`` freezes (state, count and residual stop changing); with ``stop="batch"`` all freeze
-together once the ratio over the whole batch is below ``tol``. Images are independent. Two kernels:
+(||x_{k+1,b}|| + 1e-5)`` over the whole image (all channels and pixels; the squared norms summed in
+float64, the ratio computed in float64 and rounded to float32, NaN for a non-finite image); with
+``stop="sample"`` an image whose ``r_b < tol`` freezes, converged (state, count and residual stop
+changing), and one whose ``r_b`` is not finite freezes, unconverged, after that step; with
+``stop="batch"`` all freeze together once the ratio over the whole batch is below ``tol`` (converged)
+or not finite (not). Images are independent. Two kernels:
 
 ``_solve_scratch_kernel``  one launch per solve, one program per image. A convolution reads each
     state entry from nine pixels, which Triton cannot gather from a register tensor, so the state
@@ -47,7 +50,7 @@ together once the ratio over the whole batch is below ``tol``. Images are indepe
     touching its own image (L1/L2-resident at the sizes where this path is chosen). Per iteration the
     program walks its image's (pixel tile, channel tile) grid, each tile one K loop over the 9 taps and
     the channel blocks (``tl.dot``) and the fused epilogue (bias, activation or D, store, the two squared
-    norms, summed in registers), then tests its residual; a CTA barrier separates iterations (one
+    norms, summed in float64 registers), then tests its residual; a CTA barrier separates iterations (one
     plane is read while the other is written, so one barrier is enough). An image that has converged
     leaves the loop (per-image early exit); no host synchronisation.
 ``_step_kernel``  one iteration over a (image x pixel tile, channel tile) grid, for the stepwise path
@@ -55,17 +58,16 @@ together once the ratio over the whole batch is below ``tol``. Images are indepe
     needs a grid-wide reduction). Tiles add their squared norms into per-image sums with atomics. The
     freeze decision for step ``t`` needs the complete sums of step ``t``, so launch ``t + 1`` makes it
     (every program for its image; the image's first tile records it), with dense's rotating buffers
-    (sums: 3 slots, active flags: 2). A frozen image's programs do nothing at all, not even a copy:
+    (sums: 3 slots, statuses: 2). A frozen image's programs do nothing at all, not even a copy:
     an image active for exactly its first ``n`` steps holds its final state in plane ``n % 2``, which
-    the launcher picks per image at the end. The host reads the active flags every ``check_every``
+    the launcher picks per image at the end. The host reads the statuses every ``check_every``
     steps.
 
 ``choose_path`` picks between them by shape (overridable, as dense's). Precision, operand dtypes and
-configurations follow ``dense.py``: float32 state and accumulation; fp32/fp16/bf16 operands converted
-in registers; ``"ieee"`` or ``"tf32"`` dots (``resolve_precision``: by default what torch's own float32
-convolutions use, TF32 unless turned off, as the reference's and the CUDA backend's cuDNN calls do;
-ieee configs use K blocks of 16);
-configurations compile without register spills for sm_80 and sm_90 (``aot_plan``/``aot_compile``,
+configurations follow ``dense.py``: float32 state and matmul accumulation (float64 squared norms);
+fp32/fp16/bf16 operands converted in registers; ``"ieee"`` or ``"tf32"`` dots (``resolve_precision``: by
+default what torch's own float32 convolutions use, TF32 unless turned off, as the reference's and the
+CUDA backend's cuDNN calls do; ieee configs use K blocks of 16); configurations compile without register spills for sm_80 and sm_90 (``aot_plan``/``aot_compile``,
 checked by the tests; see ``aot_compile`` for the one kind of spill ptxas chooses by itself).
 """
 
@@ -82,7 +84,7 @@ from ..activations import ADJOINT_ID, map_ids
 from ..precision import torch_conv_precision
 from ..spec import SolveSpec
 from . import aot, launch, limits
-from .epilogue import close_previous_step, initial_state, next_state, relative_residual
+from .epilogue import close_previous_step, goes_on, initial_state, next_state, relative_residual, sum_squares
 from .launch import Iteration, arg, autotuned, benchmark, launching, make_configs, tuned
 
 # "auto" takes the single launch when one program's iteration (one image: 18 C^2 H W flops) costs at
@@ -201,15 +203,16 @@ def _solve_scratch_kernel(
             tl.store(buf_ptr + first + offs, x, mask=mask)
     tl.debug_barrier()
 
-    # reference.iterate for one image: step until r < tol (a NaN never counts as converged) or max_iter.
+    # reference.iterate for one image: step until r < tol (converged), r not finite (a NaN or Inf: stop
+    # at once, unconverged) or max_iter.
     k = 0
     r = tl.full((), float("inf"), dtype=tl.float32)
     go = k < max_iter
     while go:
         src = buf_ptr + (first + (k % 2) * plane)
         dst = buf_ptr + (first + ((k + 1) % 2) * plane)
-        diff_sq = tl.zeros((), dtype=tl.float32)
-        norm_sq = tl.zeros((), dtype=tl.float32)
+        diff_sq = tl.zeros((), dtype=tl.float64)  # the image's squared norms, in float64
+        norm_sq = tl.zeros((), dtype=tl.float64)
         for p0 in range(0, hw, BLOCK_P):
             pix = p0 + tl.arange(0, BLOCK_P)
             pix_ok = pix < hw
@@ -221,12 +224,12 @@ def _solve_scratch_kernel(
                 offs = pix[:, None] * C + cols[None, :]
                 x_new = next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
                 diff = x_new - tl.load(src + offs, mask=mask, other=0.0)
-                diff_sq += tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-                norm_sq += tl.sum(tl.sum(x_new * x_new, axis=1), axis=0)
+                diff_sq += tl.sum(sum_squares(diff), axis=0)
+                norm_sq += tl.sum(sum_squares(x_new), axis=0)
                 tl.store(dst + offs, x_new, mask=mask)
         r = relative_residual(diff_sq, norm_sq)
         k += 1
-        go = (k < max_iter) & ~(r < tol)
+        go = (k < max_iter) & goes_on(r, tol)
         # The next iteration (or the copy-out) reads what other threads of this program just wrote.
         tl.debug_barrier()
 
@@ -241,7 +244,7 @@ def _solve_scratch_kernel(
             tl.store(out_ptr + first + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(its_ptr + img, k)
     tl.store(res_ptr + img, r)
-    tl.store(conv_ptr + img, r < tol)
+    tl.store(conv_ptr + img, r < tol)  # met the rule (else out of steps, or r not finite)
 
 
 @triton.autotune(
@@ -261,8 +264,8 @@ def _step_kernel(
     bookkeeping of step t-1 for that image.
 
     Grid: (B * pixel tiles, channel tiles). Buffers (initialised by the launcher; both ``active`` slots
-    start at 1): ``sums``, ``tot`` and ``active`` as ``close_previous_step`` describes them, with images
-    for samples. ``COMPUTE=False`` does only the bookkeeping (the launch after the last step).
+    start RUNNING): ``sums``, ``tot`` and ``active`` as ``close_previous_step`` describes them, with
+    images for samples. ``COMPUTE=False`` does only the bookkeeping (the launch after the last step).
     """
     hw = H * Wd
     tiles = tl.cdiv(hw, BLOCK_P)
@@ -287,8 +290,8 @@ def _step_kernel(
             offs = pix[:, None] * C + cols[None, :]
             x_new = next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
             diff = x_new - tl.load(x_in + offs, mask=mask, other=0.0)
-            diff_sq = tl.sum(tl.sum(diff * diff, axis=1), axis=0)
-            norm_sq = tl.sum(tl.sum(x_new * x_new, axis=1), axis=0)
+            diff_sq = tl.sum(sum_squares(diff), axis=0)  # float64
+            norm_sq = tl.sum(sum_squares(x_new), axis=0)
             cur = sums_ptr + (t % 3) * 2 * B
             tl.atomic_add(cur + img, diff_sq)
             tl.atomic_add(cur + B + img, norm_sq)
@@ -434,7 +437,7 @@ def _solve_stepwise(x0, bias, scale, w, it: Iteration, precision, check_every, g
     # Image b iterated during exactly its first its[b] steps, step s writing plane (s + 1) % 2 (a frozen
     # image's programs write nothing).
     final = torch.where((its % 2 == 1).view(-1, 1, 1, 1), x[1], x[0])
-    return final, its, res, active[steps % 2] == 0
+    return final, its, res, launch.converged(active, steps)
 
 
 def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: SolveSpec, *, path: Optional[str] = None,
@@ -478,7 +481,7 @@ def _step(x, bias, scale, weight, map_id, precision):
 
 def forward_step(z: Tensor, u: Tensor, weight: Tensor, activation: str, *, precision: Optional[str] = None):
     """One fused step: ``(z_next = act(conv2d(z, W, padding=1) + u), ||z_next - z||^2, ||z_next||^2)``, the
-    norms per image; float32, z_next in u's memory format."""
+    norms per image; z_next float32 in u's memory format, the norms float64."""
     map_id = launch.map_id(activation)
     _check_inputs(u, weight, {"z": z})
     return _step(z, u, None, weight, map_id, precision)

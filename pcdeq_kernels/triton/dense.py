@@ -10,14 +10,17 @@ so every kernel takes the operand ``M`` as ``w_ptr`` plus two strides (``M[k, n]
 (``activations.map_ids()``): the activation's ``kernel_id`` for the forward map, ``ADJOINT_ID`` for the
 adjoint (``epilogue.ADJOINT`` in jit code). The launchers take a ``SolveSpec`` and turn it into the
 iteration they run (``launch.iteration``: the id, checked against the table, and the stopping rule). The state
-and every accumulation are float32 whatever the operands' dtype (fp32, fp16, bf16: loaded as they are,
-converted in registers), exactly as ``reference.py`` solves half-precision inputs in float32.
+and the matmuls' accumulation are float32 whatever the operands' dtype (fp32, fp16, bf16: loaded as they
+are, converted in registers), exactly as ``reference.py`` solves half-precision inputs in float32; the
+per-row squared norms are summed in float64 and the residual computed in float64 and rounded to float32
+(``reference.residual_from_squares``: no overflow, NaN for a non-finite row).
 
 Stopping rule, per row ``b`` (``reference.iterate``): ``r_b = ||x_{k+1,b} - x_{k,b}|| / (||x_{k+1,b}||
-+ 1e-5)``; with ``stop="sample"`` a row whose ``r_b < tol`` freezes (its state and iteration count stop
-changing, its last residual is kept); with ``stop="batch"`` all rows freeze together once the same ratio
-over the whole batch is below ``tol``. Rows are independent, so a block of rows can run to convergence
-on its own. Three kernels:
++ 1e-5)``; with ``stop="sample"`` a row whose ``r_b < tol`` freezes, converged (its state and iteration
+count stop changing, its last residual is kept), and a row whose ``r_b`` is not finite freezes so too,
+unconverged, after that step; with ``stop="batch"`` all rows freeze together once the same ratio over
+the whole batch is below ``tol`` (converged) or not finite (not). Rows are independent, so a block of
+rows can run to convergence on its own. Three kernels:
 
 ``_solve_onchip_kernel``  one launch per solve, padded ``d <= ONCHIP_MAX_DIM`` (128). A program owns
     ``BLOCK_B`` whole rows; the state tile (BLOCK_B, D_PAD) stays in registers and ``M`` (D_PAD, D_PAD)
@@ -35,8 +38,8 @@ on its own. Three kernels:
     ``stop="batch"``, which needs a grid-wide reduction). Per-row partial sums are combined with
     atomics. The freeze decision for step ``t`` needs the complete sums of step ``t``, which exist only
     once its launch has finished, so launch ``t + 1`` makes it (every program recomputes it for its
-    rows; the programs of column tile 0 record it): rotating buffers (sums: 3 slots, active flags: 2)
-    keep readers and writers of one launch on different slots. The host reads the active flags only
+    rows; the programs of column tile 0 record it): rotating buffers (sums: 3 slots, statuses: 2)
+    keep readers and writers of one launch on different slots. The host reads the statuses only
     every ``check_every`` steps; steps after convergence only copy frozen rows.
 
 The split path is the stepwise loop with each step's matmul done by ``torch.mm`` (cuBLAS) into a float32
@@ -67,7 +70,8 @@ from ..activations import ADJOINT_ID, map_ids
 from ..precision import torch_matmul_precision
 from ..spec import SolveSpec
 from . import aot, launch, limits
-from .epilogue import ADJOINT, any_set, close_previous_step, epilogue, initial_state, next_state, relative_residual
+from .epilogue import (ADJOINT, any_set, close_previous_step, epilogue, goes_on, initial_state, next_state,
+                       relative_residual, sum_squares)
 from .launch import PRECISIONS, Iteration, arg, autotuned, benchmark, launching, make_configs, tuned
 
 # "auto" uses the single-launch kernels up to this d even when the row blocks alone cannot fill the
@@ -92,13 +96,21 @@ ONCHIP_CONFIGS = make_configs([(16, 4, 1), (16, 8, 1), (32, 8, 1), (64, 8, 1), (
 # 32 x 128. The 16-warp scratch tile says maxnreg=128, which is all a 512-thread block can have anyway:
 # left to itself, ptxas aims at two blocks per SM (64 registers) when B and d are multiples of 16, and
 # spills 24 to 40 bytes. (32 x 64 over 16 warps still spills 8 bytes at 128 registers under 3.6.)
+# Since the squared norms are float64 (each row's two sums held across the column loop, and summed
+# across threads, in float64), the 8-warp ieee scratch tiles run 1 stage: with 2, unaligned float32
+# ones need more than 255 registers and spill 8 bytes (16 x 128 on sm_90 under 3.9, 32 x 64 on sm_80
+# under 3.6); so does the 16 x 64 tf32 tile over 4 warps (adjoint, sm_90, 3.8), which with 1 stage
+# ptxas stops at 168 registers (24 bytes): it runs 1 stage and says maxnreg=255. So does the step
+# kernel's 32 x 64 tf32 tile over 4 warps: left to itself, ptxas stops its unaligned split-path
+# epilogue (tanh, sm_90, 3.9) at 168 registers and spills 16 bytes. With 255 allowed, both need at most
+# 222 to 255 registers and spill nothing under 3.6, 3.8 or 3.9.
 SCRATCH_CONFIGS = make_configs(
-    [(16, 64, 32, 4, 2), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
-     (16, 128, 16, 16, 1, 128), (32, 64, 16, 8, 2), (16, 128, 16, 8, 2)],
+    [(16, 64, 32, 4, 1, 255), (16, 128, 32, 8, 2), (32, 64, 32, 8, 2),
+     (16, 128, 16, 16, 1, 128), (32, 64, 16, 8, 1), (16, 128, 16, 8, 1)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
 )
 STEP_CONFIGS = make_configs(
-    [(16, 64, 32, 4, 3), (16, 128, 32, 16, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
+    [(16, 64, 32, 4, 3), (16, 128, 32, 16, 3), (32, 64, 32, 4, 3, 255), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3),
      (16, 64, 16, 4, 3), (32, 64, 16, 8, 3), (64, 64, 16, 8, 3), (32, 128, 16, 8, 3)],
     ("BLOCK_B", "BLOCK_N", "BLOCK_K"),
 )
@@ -112,7 +124,10 @@ ONCHIP_MAX_DIM = 128  # largest padded d the on-chip kernel takes (M: 64 KB of f
 # Triton 3.6. Two tiles within the ieee rule spill a few bytes at an occupancy step ptxas picks (80
 # registers), each in one version: 32 x 32 over 8 warps (3.6) and 64 x 16 over 8 warps (3.9); and
 # one within the tf32 rule, 32 x 128 over 8 warps, spills 24 bytes at 128 registers under 3.6 when B
-# and d are multiples of 16 (adjoint, float32, sm_90).
+# and d are multiples of 16 (adjoint, float32, sm_90). Since the residual is computed in float64 (square
+# roots and a division per row a thread holds), 32 x 128 tf32 over 16 warps, at the 128 registers a
+# 512-thread block can have, spills 40 bytes under 3.6 (unaligned half precision, sm_90): tf32 at
+# D_PAD = 128 takes 16 x 128 over 8 warps only.
 _ONCHIP_FITS = {
     ("ieee", 16): {(16, 4), (16, 8), (32, 8)},
     ("ieee", 32): {(16, 4), (16, 8), (64, 8)},
@@ -121,7 +136,7 @@ _ONCHIP_FITS = {
     ("tf32", 16): {(16, 4), (16, 8), (32, 8), (64, 8)},
     ("tf32", 32): {(16, 4), (16, 8), (32, 8), (64, 8)},
     ("tf32", 64): {(16, 8), (32, 8), (64, 8)},
-    ("tf32", 128): {(16, 8), (32, 16)},
+    ("tf32", 128): {(16, 8)},
 }
 
 # Triton 3.8 (what torch 2.14 pins) lays out the ieee dot at D_PAD = 128 so that ptxas, on sm_90, keeps
@@ -208,21 +223,22 @@ def _solve_onchip_kernel(
         acc = tl.dot(x, w, input_precision=PRECISION)
         # Padded columns must stay 0: the epilogue of 0 is not 0 for sigmoid (0.5).
         x_new = tl.where(mask, epilogue(acc, bias, scale, ACT), 0.0)
-        diff = x_new - x
-        r = relative_residual(tl.sum(diff * diff, axis=1), tl.sum(x_new * x_new, axis=1))
+        r = relative_residual(sum_squares(x_new - x), sum_squares(x_new))
         # reference.iterate: rows active before this step take the new state, residual and count;
-        # then rows with r < tol stop (written so that a NaN residual never counts as converged).
+        # then rows with r < tol stop, and so do rows whose r is not finite (a NaN never converges).
         x = tl.where(active[:, None], x_new, x)
         res = tl.where(active, r, res)
         its += active.to(tl.int32)
-        active = active & ~(r < tol)
+        active = active & goes_on(r, tol)
         k += 1
         go = (k < max_iter) & any_set(active)
 
     tl.store(out_ptr + first + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(its_ptr + row0 + lrows, its, mask=row_ok)
     tl.store(res_ptr + row0 + lrows, res, mask=row_ok)
-    tl.store(conv_ptr + row0 + lrows, ~active, mask=row_ok)
+    # A row met the rule iff its last residual is below tol (else it ran out of steps, or its residual
+    # is not finite, or it never stepped).
+    tl.store(conv_ptr + row0 + lrows, res < tol, mask=row_ok)
 
 
 @triton.jit
@@ -283,8 +299,8 @@ def _solve_scratch_kernel(
     while go:
         src = buf_ptr + (k % 2) * plane
         dst = buf_ptr + ((k + 1) % 2) * plane
-        diff_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        norm_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        diff_sq = tl.zeros((BLOCK_B,), dtype=tl.float64)
+        norm_sq = tl.zeros((BLOCK_B,), dtype=tl.float64)
         for n0 in range(0, d, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             acc = _matmul_tile(src, w_ptr, row_ok, cols, d, stride_wk, stride_wn, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
@@ -292,15 +308,14 @@ def _solve_scratch_kernel(
             offs = lrows[:, None] * d + cols[None, :]
             x_new = next_state(acc, bias_ptr, scale_ptr, offs, mask, ACT)
             x_old = tl.load(src + offs, mask=mask, other=0.0)
-            diff = x_new - x_old
-            diff_sq += tl.sum(diff * diff, axis=1)
-            norm_sq += tl.sum(x_new * x_new, axis=1)
+            diff_sq += sum_squares(x_new - x_old)
+            norm_sq += sum_squares(x_new)
             # Frozen rows carry their state over, so the newest plane always holds every row.
             tl.store(dst + offs, tl.where(active[:, None], x_new, x_old), mask=mask)
         r = relative_residual(diff_sq, norm_sq)
         res = tl.where(active, r, res)
         its += active.to(tl.int32)
-        active = active & ~(r < tol)
+        active = active & goes_on(r, tol)
         k += 1
         go = (k < max_iter) & any_set(active)
         # The next iteration reads what other threads of this program just wrote to dst.
@@ -315,7 +330,7 @@ def _solve_scratch_kernel(
         tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(its_ptr + row0 + lrows, its, mask=row_ok)
     tl.store(res_ptr + row0 + lrows, res, mask=row_ok)
-    tl.store(conv_ptr + row0 + lrows, ~active, mask=row_ok)
+    tl.store(conv_ptr + row0 + lrows, res < tol, mask=row_ok)  # met the rule (as the on-chip kernel)
 
 
 @triton.autotune(
@@ -333,9 +348,9 @@ def _step_kernel(
 ):
     """Step ``t`` of the stepwise solve on a (row block, column tile) grid, plus the bookkeeping of step t-1.
 
-    Buffers (initialised by the launcher; both ``active`` slots start at 1): ``sums``, ``tot`` and
+    Buffers (initialised by the launcher; both ``active`` slots start RUNNING): ``sums``, ``tot`` and
     ``active`` as ``close_previous_step`` describes them, with rows for samples; this launch adds row
-    block x column tile's squared norms into slot ``t % 3``. ``COMPUTE=False`` does only the
+    block x column tile's squared norms (float64) into slot ``t % 3``. ``COMPUTE=False`` does only the
     bookkeeping (the launch after the last step). ``FUSED_MATMUL=False`` (the split path) reads
     ``x_in @ M``, computed before the launch, from ``pre`` (float32 (B, d)) instead of computing it.
     """
@@ -365,9 +380,8 @@ def _step_kernel(
                 acc = tl.load(pre_ptr + first + offs, mask=mask, other=0.0)
             x_new = next_state(acc, bias_ptr + first, scale_ptr + first, offs, mask, ACT)
             x = tl.load(x_in_ptr + first + offs, mask=mask, other=0.0)
-            diff = x_new - x
-            diff_sq = tl.sum(diff * diff, axis=1)
-            norm_sq = tl.sum(x_new * x_new, axis=1)
+            diff_sq = sum_squares(x_new - x)  # float64
+            norm_sq = sum_squares(x_new)
             adds = row_ok & act_now
             cur = sums_ptr + (t % 3) * 2 * B
             tl.atomic_add(cur + rows, diff_sq, mask=adds)
@@ -515,7 +529,7 @@ def _solve_stepwise(x0, bias, scale, weight, it: Iteration, precision, check_eve
                      t, it.batch_stop, compute, precision, pre if compute else None)
 
     steps = launch.run_steps(step, it.max_iter, check_every, active)
-    return x[steps % 2].to(bias.dtype), its, res, active[steps % 2] == 0
+    return x[steps % 2].to(bias.dtype), its, res, launch.converged(active, steps)
 
 
 def forward_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: SolveSpec, *, path: Optional[str] = None,
@@ -554,14 +568,16 @@ def _step(x, bias, scale, weight, map_id, precision):
 
 
 def forward_step(z: Tensor, u: Tensor, weight: Tensor, activation: str, *, precision: Optional[str] = None):
-    """One fused step: ``(z_next = act(z @ W.T + u), ||z_next - z||^2, ||z_next||^2)``, per row, float32."""
+    """One fused step: ``(z_next = act(z @ W.T + u), ||z_next - z||^2, ||z_next||^2)``, per row: the state
+    float32, the squared norms float64."""
     map_id = launch.map_id(activation)
     _check_inputs(u, weight, {"z": z})
     return _step(z, u.contiguous(), None, weight.contiguous(), map_id, precision)
 
 
 def adjoint_step(h: Tensor, v: Tensor, weight: Tensor, D: Tensor, *, precision: Optional[str] = None):
-    """One fused adjoint step: ``(h_next = D * (h @ W + v), ||h_next - h||^2, ||h_next||^2)``, per row, float32."""
+    """One fused adjoint step: ``(h_next = D * (h @ W + v), ||h_next - h||^2, ||h_next||^2)``, per row, as
+    ``forward_step``."""
     map_id = launch.map_id(None)
     _check_inputs(v, weight, {"h": h, "D": D})
     return _step(h, v.contiguous(), D.contiguous(), weight.contiguous(), map_id, precision)

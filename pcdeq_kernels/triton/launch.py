@@ -43,6 +43,9 @@ SOLVE_PATHS = ("auto", "single", "stepwise", "split")
 PRECISIONS = ("ieee", "tf32")
 DEFAULT_CHECK_EVERY = 8
 
+# The stepwise loop's per-sample statuses (``epilogue.RUNNING``, ``MET``, ``FAILED``), for the host.
+RUNNING, MET, FAILED = 1, 0, 2
+
 
 # ------------------------------------------------------------------------------------- the iteration
 
@@ -276,10 +279,11 @@ def stats(batch: int, device) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def step_buffers(batch: int, device) -> tuple[Tensor, ...]:
-    """The stepwise loop's ``(sums, tot, active, its, res)`` (``epilogue.close_previous_step``)."""
-    sums = torch.zeros((3, 2, batch), dtype=torch.float32, device=device)
-    tot = torch.zeros((3, 2), dtype=torch.float32, device=device)
-    active = torch.ones((2, batch), dtype=torch.int32, device=device)
+    """The stepwise loop's ``(sums, tot, active, its, res)`` (``epilogue.close_previous_step``): float64
+    squared norms, every sample's status RUNNING in both slots."""
+    sums = torch.zeros((3, 2, batch), dtype=torch.float64, device=device)
+    tot = torch.zeros((3, 2), dtype=torch.float64, device=device)
+    active = torch.full((2, batch), RUNNING, dtype=torch.int32, device=device)
     its = torch.zeros(batch, dtype=torch.int32, device=device)
     res = torch.full((batch,), math.inf, dtype=torch.float32, device=device)
     return sums, tot, active, its, res
@@ -311,14 +315,22 @@ def run_steps(launch_step: Callable[[int, bool], None], max_iter: int, every: in
     """The stepwise solves' host loop: ``launch_step(t, True)`` for steps t = 0, 1, ... (step t also
     closes step t-1), until ``max_iter`` steps or until the host, reading ``active`` every ``every``
     steps, sees that no sample iterated; then ``launch_step(steps, False)``, the bookkeeping of the
-    last step (its residuals, counts and freezes) without a matmul. Returns the number of steps."""
+    last step (its residuals, counts and stops) without a matmul. Returns the number of steps; the
+    samples that met the rule are ``converged(active, steps)``."""
     steps = 0
     for t in range(max_iter):
         launch_step(t, True)
         steps = t + 1
-        # active[t % 2] = samples still iterating at the start of step t: when none is, the steps since
-        # changed nothing and we are done. Reading it is the only host synchronisation.
-        if steps % every == 0 and steps < max_iter and not bool(active[t % 2].any()):
+        # active[t % 2] = each sample's status at the start of step t: when none is RUNNING, the steps
+        # since changed nothing and we are done. Reading it is the only host synchronisation.
+        if steps % every == 0 and steps < max_iter and not bool((active[t % 2] == RUNNING).any()):
             break
     launch_step(steps, False)
     return steps
+
+
+def converged(active: Tensor, steps: int) -> Tensor:
+    """Which samples met the stopping rule in a stepwise solve of ``steps`` steps: status MET after the
+    last step's bookkeeping (not merely stopped: a non-finite residual stops a sample FAILED, and one
+    still RUNNING ran out of steps)."""
+    return active[steps % 2] == MET
