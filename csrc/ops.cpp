@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/solve_checks.h"
 #include "cpu/solver.h"
 
 // `import pcdeq_kernels._C` loads this library, which runs the registrations below. The Python
@@ -34,9 +35,17 @@ TORCH_LIBRARY(pcdeq_C, m) {
   m.def(
       "adjoint_solve(Tensor v, Tensor weight, Tensor D, float tol, int max_iter, bool batch_stop) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The op layer's checks around a CPU solve (cpu/solve_checks.h): whether u, weight and z0 are finite
+  // and >= 0 (and, with nonzero_rows, every sample of u has a positive entry); and what the
+  // non-convergence policy must report after a solve, as bits (1: a sample did not converge, 2: the
+  // stopping rule's guard decided a converged sample), 0 for nothing.
+  m.def("inputs_are_valid(Tensor u, Tensor weight, Tensor? z0, bool nonzero_rows) -> bool");
+  m.def("solve_report(Tensor state, Tensor converged, Tensor residual, float tol, float eps) -> int");
 }
 
 TORCH_LIBRARY_IMPL(pcdeq_C, CPU, m) {
   m.impl("forward_solve", &pcdeq::cpu::forward_solve);
   m.impl("adjoint_solve", &pcdeq::cpu::adjoint_solve);
+  m.impl("inputs_are_valid", &pcdeq::cpu::inputs_are_valid);
+  m.impl("solve_report", &pcdeq::cpu::solve_report);
 }

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
+from .backends import compiled
 from .activations import get_activation
 from .problem import check_like, describe, empty_outputs, empty_state, empty_stats, state_format
 from .spec import SolveSpec
@@ -38,7 +39,7 @@ class NonConvergenceError(RuntimeError):
 
 
 def _check_not_capturing(x: Tensor) -> None:
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "a pcDEQ solve cannot be captured in a CUDA graph (torch.cuda.graph): it checks its inputs and its "
             "convergence on the host. Run the pcDEQ layer outside the captured region (torch.compile with "
@@ -46,19 +47,33 @@ def _check_not_capturing(x: Tensor) -> None:
         )
 
 
-def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str) -> None:
-    """Reject negative or non-finite inputs, and (for an activation with act(0) = 0) samples whose u is
-    identically 0. A few reductions and one host read in all (NaN propagates through min and max, so
-    non-finite entries show up as a non-finite extreme); each tensor is looked at on its own only to
-    word an error."""
-    named = [("weight", weight), ("u", u)] + ([("z0", z0)] if z0 is not None else [])
-    zero_at_zero = get_activation(activation).value_at_zero == 0
-    named = [(name, t) for name, t in named if t.numel() > 0]  # an empty batch: only W to look at
-    lo, hi = torch.aminmax(torch.cat([t.detach().reshape(-1) for _, t in named]))
+# The compiled CPU checks (csrc/cpu/solve_checks.h): one C++ pass each where the torch formulation is
+# half a dozen ops and a host read (about 20 us a call each, a sixth of a paper-sized solve).
+_CPU_CHECKS = compiled.has_kernels("CPU") and hasattr(torch.ops.pcdeq_C, "inputs_are_valid")
+_SOME_UNCONVERGED, _GUARD_DECIDED = 1, 2  # solve_report's bits
+
+
+def _values_are_valid(u: Tensor, weight: Tensor, z0: Optional[Tensor], zero_at_zero: bool) -> bool:
+    """Whether u, weight and z0 are finite and >= 0 and (``zero_at_zero``) no sample of u is all 0."""
+    if _CPU_CHECKS and u.is_cpu:  # (no autograd sees these calls: grad mode is off around every solve)
+        return torch.ops.pcdeq_C.inputs_are_valid.default(u, weight, z0, zero_at_zero)
+    # A few reductions and one host read (NaN propagates through min and max, so non-finite entries
+    # show up as a non-finite extreme).
+    named = [t for t in (weight, u, z0) if t is not None and t.numel() > 0]  # an empty batch: only W
+    lo, hi = torch.aminmax(torch.cat([t.detach().reshape(-1) for t in named]))
     row_max = u.detach().flatten(1).amax(dim=1) if u.numel() > 0 else lo.new_ones(1)
     lo, hi, smallest_row_max = torch.stack([lo, hi, row_max.min()]).double().tolist()
-    if math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and not (zero_at_zero and smallest_row_max == 0):
+    return math.isfinite(lo) and math.isfinite(hi) and lo >= 0 and not (zero_at_zero and smallest_row_max == 0)
+
+
+def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: str) -> None:
+    """Reject negative or non-finite inputs, and (for an activation with act(0) = 0) samples whose u is
+    identically 0: one check of everything at once (``_values_are_valid``); each tensor is looked at on
+    its own only to word an error."""
+    zero_at_zero = get_activation(activation).value_at_zero == 0
+    if _values_are_valid(u, weight, z0, zero_at_zero):
         return
+    named = [(name, t) for name, t in (("weight", weight), ("u", u), ("z0", z0)) if t is not None and t.numel() > 0]
     for name, t in named:
         t_lo, t_hi = torch.stack(torch.aminmax(t.detach())).double().tolist()
         what = {"weight": "weight", "u": "u (the injection)", "z0": "z0"}[name]
@@ -77,7 +92,9 @@ def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: s
                 "z0": "the iteration must start in the nonnegative orthant",
             }[name]
             raise ValueError(f"{what} has negative entries (min {t_lo:.3g}); {fix}")
-    rows = (row_max == 0).nonzero().flatten().tolist()
+    rows = (u.detach().flatten(1).amax(dim=1) == 0).nonzero().flatten().tolist() if zero_at_zero else []
+    if not rows:  # (the entry-by-entry look above is the authority; it found nothing)
+        return
     raise ValueError(
         f"u (the injection) is identically 0 in sample(s) {rows[:10]}{' ...' if len(rows) > 10 else ''}: with "
         f"{activation}(0) = 0, z = 0 is a fixed point there and the iteration from 0 never leaves it, although "
@@ -96,6 +113,10 @@ def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor,
     adjoint = what == "backward"
     tol = spec.backward_tol if adjoint else spec.tol
     max_iter = spec.backward_max_iter if adjoint else spec.max_iter
+    if _CPU_CHECKS and state.is_cpu:  # the common case, nothing to say, in one C++ pass
+        report = torch.ops.pcdeq_C.solve_report.default(state, converged, residual, tol, reference.RESIDUAL_EPS)
+        if not report & (_SOME_UNCONVERGED | (_GUARD_DECIDED if spec.stop == "sample" else 0)):
+            return
     # (a float32 norm may overflow to inf: harmless, a huge state is not one the guard decided)
     per_sample = (converged, residual, torch.linalg.vector_norm(state.detach().flatten(1).float(), dim=1))
     if state.device.type != "cpu":  # one transfer (one synchronisation) for the three

@@ -165,6 +165,8 @@ def adjoint_solve(
 def activation_derivative_at(z: Tensor, u: Tensor, weight: Tensor, activation: str) -> Tensor:
     """``D = act'(L(z) + u)``: the diagonal of the Jacobian's activation part at ``z``."""
     dtype = solver_dtype(u.dtype)
+    if z.dtype == weight.dtype == u.dtype == dtype:  # (the usual case: no conversions to make)
+        return get_activation(activation).derivative(linear_map(z, weight) + u)
     return get_activation(activation).derivative(linear_map(z.to(dtype), weight.to(dtype)) + u.to(dtype))
 
 

@@ -222,8 +222,9 @@ def _ctrl_c_script(tmp_path):
     script = tmp_path / "ctrl_c.py"
     script.write_text(
         r"""
-import os, signal, sys, threading, time
+import faulthandler, os, signal, sys, threading, time
 import torch
+faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where it is, before the test's timeout
 import pcdeq_kernels  # noqa: F401
 from pcdeq_kernels.backends import cpu
 from pcdeq_kernels.spec import SolveSpec
@@ -246,9 +247,9 @@ for batch, dim, conv, threads in [(8, 16, False, 1), (256, 16, False, 2), (4, 11
             cpu.adjoint_solve(v, w, D, SolveSpec(backward_tol=1e-30, backward_max_iter=10**9, stop=stop))
             print("no interrupt")
         except KeyboardInterrupt:
-            print(f"interrupted {time.perf_counter() - sent[0]:.3f}")
+            print(f"interrupted {time.perf_counter() - sent[0]:.3f}", batch, dim, conv, threads, stop, flush=True)
         h, its, res, converged = cpu.adjoint_solve(v, w, D, SolveSpec(backward_tol=1e-2, backward_max_iter=500, stop=stop))
-        print("next", bool(converged.all()), int(its.max()))
+        print("next", bool(converged.all()), int(its.max()), flush=True)
 """
     )
     return script
@@ -260,7 +261,7 @@ def test_ctrl_c_stops_a_long_solve(tmp_path):
     # nothing left behind: the next solve runs and converges.
     script = _ctrl_c_script(tmp_path)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr  # (a hang: the stacks, after the cases that ran)
     lines = out.stdout.split("\n")
     interrupted = [float(line.split()[1]) for line in lines if line.startswith("interrupted")]
     assert len(interrupted) == 8 and max(interrupted) < 1.0, out.stdout

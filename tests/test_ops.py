@@ -131,3 +131,73 @@ def test_compile_sees_layers_with_different_tols():
         z = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
         torch.testing.assert_close(z, layer(x))
         assert layer.stats.forward_residual.max() < tol
+
+
+CHECK_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+CHECK_LAYOUTS = ["dense", "dense-transposed", "conv", "conv-channels-last"]
+
+
+def _check_case(layout, dtype, gen):
+    """u, weight, z0 of a layout (non-contiguous and channels-last ones included), nonnegative, then
+    with entries spoiled at random: a NaN, +-inf, a negative (-0.0 counts as >= 0), zero rows."""
+    if layout.startswith("dense"):
+        u, w, z0 = torch.rand(5, 7, generator=gen), torch.rand(7, 7, generator=gen), torch.rand(5, 7, generator=gen)
+        if layout == "dense-transposed":
+            u, z0 = torch.rand(7, 5, generator=gen).T, torch.rand(7, 5, generator=gen).T
+    else:
+        u, w, z0 = torch.rand(3, 4, 2, 5, generator=gen), torch.rand(4, 4, 3, 3, generator=gen), torch.rand(3, 4, 2, 5, generator=gen)
+        if layout == "conv-channels-last":
+            u, z0 = (t.contiguous(memory_format=torch.channels_last) for t in (u, z0))
+    u, w, z0 = (t.to(dtype) for t in (u, w, z0))
+    spoil = torch.randint(0, 8, (), generator=gen).item()
+    target = (u, w, z0)[torch.randint(0, 3, (), generator=gen).item()]
+    flat_index = torch.randint(0, target.numel(), (), generator=gen).item()
+    value = {0: float("nan"), 1: float("inf"), 2: -float("inf"), 3: -1e-3, 4: -0.0}.get(spoil)
+    if value is not None:
+        target[tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), target.shape))] = value
+    elif spoil == 5:
+        u[torch.randint(0, u.shape[0], (), generator=gen).item()] = 0.0  # a zero row
+    return u, w, z0
+
+
+@pytest.mark.skipif(not ops._CPU_CHECKS, reason="needs the compiled extension (its pcdeq_C check ops)")
+@pytest.mark.parametrize("layout", CHECK_LAYOUTS)
+@pytest.mark.parametrize("dtype", CHECK_DTYPES, ids=str)
+def test_compiled_value_check_agrees_with_the_torch_one(layout, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(CHECK_DTYPES.index(dtype) * 10 + CHECK_LAYOUTS.index(layout))
+    verdicts = set()
+    for _ in range(40):
+        u, w, z0 = _check_case(layout, dtype, gen)
+        for z0_ in (z0, None):
+            for zero_at_zero in (True, False):
+                compiled = torch.ops.pcdeq_C.inputs_are_valid(u, w, z0_, zero_at_zero)
+                monkeypatch.setattr(ops, "_CPU_CHECKS", False)
+                expected = ops._values_are_valid(u, w, z0_, zero_at_zero)
+                monkeypatch.setattr(ops, "_CPU_CHECKS", True)
+                assert compiled == expected, (u, w, z0_, zero_at_zero)
+                verdicts.add(compiled)
+    assert verdicts == {True, False}  # both answers were exercised
+
+
+@pytest.mark.skipif(not ops._CPU_CHECKS, reason="needs the compiled extension (its pcdeq_C check ops)")
+@pytest.mark.parametrize("dtype", CHECK_DTYPES, ids=str)
+def test_compiled_solve_report_agrees_with_its_definition(dtype):
+    """solve_report's bits: 1 when a sample did not converge, 2 when a converged sample with r > 0 has
+    ||x|| (tol - r) <= r eps (the stopping rule's guard decided), computed here in float64."""
+    gen = torch.Generator().manual_seed(CHECK_DTYPES.index(dtype))
+    tol, eps = 1e-4, 1e-5
+    seen = set()
+    for _ in range(200):
+        scale = 10.0 ** torch.randint(-9, 2, (), generator=gen).item()  # the guard matters below ~1e-5
+        state = (torch.rand(6, 9, generator=gen, dtype=torch.float64) * scale).to(dtype)
+        converged = torch.rand(6, generator=gen) < (1.0 if torch.rand((), generator=gen) < 0.5 else 0.8)
+        residual = (torch.rand(6, generator=gen, dtype=torch.float64) * tol).float()
+        residual[torch.rand(6, generator=gen) < 0.1] = 0.0
+        residual[torch.rand(6, generator=gen) < 0.02] *= 30  # r >= tol (the batch rule's converged samples)
+        norm = state.double().norm(dim=1)
+        r = residual.double()
+        guard = converged & (r > 0) & (norm * (tol - r) <= r * eps)
+        expected = int(not converged.all()) | (2 if guard.any() else 0)
+        assert torch.ops.pcdeq_C.solve_report(state, converged, residual, tol, eps) == expected
+        seen.add(expected)
+    assert seen == {0, 1, 2, 3}

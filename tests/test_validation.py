@@ -6,12 +6,24 @@ import pytest
 import torch
 
 import pcdeq_kernels as pk
+from pcdeq_kernels import ops
 
 from problems import make_problem
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def value_checks(request, monkeypatch):
+    """The op layer's value checks on CPU tensors run as one compiled pass (pcdeq_C.inputs_are_valid,
+    solve_report) where the extension is built, and as torch reductions elsewhere (GPUs): every test of
+    what they refuse and report runs through both."""
+    if request.param == "compiled" and not ops._CPU_CHECKS:
+        pytest.skip("needs the compiled extension (its pcdeq_C check ops)")
+    monkeypatch.setattr(ops, "_CPU_CHECKS", request.param == "compiled")
+    return request.param
+
+
 @pytest.fixture
-def problem():
+def problem(value_checks):
     return make_problem(4, 6, "tanh", dtype=torch.float32)
 
 
@@ -177,7 +189,7 @@ def test_zero_features_is_an_error():
 
 
 @pytest.mark.parametrize("activation", ["tanh", "softsign", "relu6"])
-def test_zero_injection_rows_are_refused_where_zero_is_a_fixed_point(activation):
+def test_zero_injection_rows_are_refused_where_zero_is_a_fixed_point(activation, value_checks):
     """With act(0) = 0 a sample whose u is all zeros has the spurious fixed point z = 0, which the
     iteration from 0 never leaves (positive ones exist: 0.958 for tanh with row sums 2)."""
     u, w = make_problem(4, 6, activation, dtype=torch.float32)
@@ -190,7 +202,7 @@ def test_zero_injection_rows_are_refused_where_zero_is_a_fixed_point(activation)
     pk.fixed_point(u, w, activation)
 
 
-def test_zero_injection_rows_are_fine_for_sigmoid():
+def test_zero_injection_rows_are_fine_for_sigmoid(value_checks):
     u, w = make_problem(3, 6, "sigmoid", dtype=torch.float32)
     u[0] = 0.0
     z, stats = pk.fixed_point(u, w, "sigmoid")
@@ -230,7 +242,7 @@ def test_channels_last_input_gives_channels_last_output():
     torch.testing.assert_close(z, layer(x.contiguous()))
 
 
-def test_convergence_decided_by_the_stopping_rules_guard_is_reported():
+def test_convergence_decided_by_the_stopping_rules_guard_is_reported(value_checks):
     """u = 1e-9 and row sums 0.99: ||z*|| is about 1e-6, below the rule's +1e-5 guard, which then
     declares convergence long before the iterate is accurate; the official rule, but said."""
     d = 8
