@@ -225,6 +225,9 @@ def _ctrl_c_script(tmp_path):
 import faulthandler, os, signal, sys, threading, time
 import torch
 faulthandler.dump_traceback_later(100, exit=True)  # a hang shows where it is, before the test's timeout
+# Python leaves SIGINT alone when it starts ignored, as it does under a shell's background job (a CI
+# runner's, say): then no KeyboardInterrupt is ever raised. Ctrl-C's own handler, whatever came in.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import pcdeq_kernels  # noqa: F401
 from pcdeq_kernels.backends import cpu
 from pcdeq_kernels.spec import SolveSpec

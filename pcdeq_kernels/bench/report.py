@@ -43,11 +43,24 @@ GPU_PEAKS = {
 LAUNCH_LATENCY_S = 5e-6  # one kernel launch, the floor of any solve on a GPU
 
 
+def cpu_model() -> dict:
+    """The CPU's model name and whether it has AVX-512 (machines with and without it are about 4x apart
+    per flop: a CPU ratio holds for the model it was measured on), from /proc/cpuinfo where there is one."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor() or None, "avx512": None}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return {"cpu_model": fields.get("model name"), "avx512": "avx512f" in fields.get("flags", "").split()}
+
+
 def machine_info(device_type: str) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        **cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
