@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import pcdeq_kernels as pk
 from pcdeq_kernels.bench import paths
 from pcdeq_kernels.bench.__main__ import main
 
@@ -138,3 +139,32 @@ def test_gpu_peak_follows_torchs_precision_for_the_grids_op():
     with cudnn_allow_tf32(False):
         assert peak_tflops(gpu, torch.float32, ["conv"])[0] == 66.9
     assert peak_tflops(None, torch.float32)[0] is None
+
+
+@pytest.mark.skipif(not pk.available_backends()["cpu"], reason="needs the compiled extension (pcdeq_C ops)")
+def test_call_path_times_fixed_point_against_the_compiled_ops(tmp_path, capsys):
+    # the module checks that fixed_point's answers (z*, dL/du, dL/dW) are the ops' before timing them
+    from pcdeq_kernels.bench import call_path
+
+    out = tmp_path / "call.json"
+    assert call_path.main(["--batch", "8", "--dim", "12", "--rounds", "5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["figures"]) == {"forward/op", "forward/fixed_point", "train/ops", "train/fixed_point"}
+    assert all(f["median_us"] > 0 for f in result["figures"].values()) and result["ratios"]["forward"] > 0
+    assert result["machine"]["cpu_model"] is not None or result["machine"]["avx512"] is None
+    assert "ratio forward" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not pk.available_backends()["cpu"], reason="needs the compiled extension (pcdeq_C ops)")
+def test_threads_under_load_times_both_thread_counts_idle_and_busy(tmp_path):
+    from pcdeq_kernels.bench import threads_under_load
+
+    out = tmp_path / "threads.json"
+    threads = torch.get_num_threads()
+    try:
+        assert threads_under_load.main(["--shapes", "8x12", "--seconds", "0.01", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    figures = json.loads(out.read_text())["figures"]
+    assert set(figures) == {f"{load} 8x12 threads={t}" for load in ("idle", "busy") for t in (1, 2)}
+    assert all(f["calls"] >= 20 for f in figures.values())
