@@ -481,3 +481,42 @@ def test_ops_ignore_autocast_when_called_directly():
             got = torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-4, 100, False)
         for g, e in zip(got, plain):
             assert torch.equal(g, e)
+
+
+
+def test_solves_from_several_threads_at_once_and_in_a_forked_child(tmp_path):
+    # Solves on several Python threads at once give the answers of one alone. A child forked after the
+    # parent ran parallel CPU work solves once it is single-threaded, as DataLoader workers are: with
+    # more threads it would hang in its first parallel region, as torch's own CPU ops do (libgomp
+    # after fork).
+    script = tmp_path / "threads_and_fork.py"
+    script.write_text(
+        r"""
+import faulthandler, os, threading
+import torch
+faulthandler.dump_traceback_later(100, exit=True)
+import pcdeq_kernels  # noqa: F401
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+w = torch.rand(96, 96, generator=g, dtype=torch.float64) * (1.8 / 96)
+u = torch.nn.functional.softplus(torch.randn(256, 96, generator=g, dtype=torch.float64), beta=5)
+solve = lambda: torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-10, 500, False)
+z = solve()[0]
+results = [None] * 4
+def run(i):
+    results[i] = solve()[0]
+threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("threads", all(torch.equal(r, z) for r in results))
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    os._exit(0 if torch.equal(solve()[0], z) else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split() == ["threads", "True", "child", "0"], out.stdout
