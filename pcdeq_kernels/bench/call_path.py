@@ -18,18 +18,16 @@ with the loss ``sum(z * g)`` for a fixed random ``g``. The figure of merit is th
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .. import SolveSpec, fixed_point
 from ..activations import get_activation
 from ..reference import activation_derivative_at, weight_grad
-from .report import machine_info
+from .report import machine_info, write_json
 
 
 def _problem(batch: int, dim: int, activation: str, seed: int = 0):
@@ -127,9 +125,7 @@ def main(argv=None) -> int:
             "threads": args.threads, "rounds": args.rounds, "machine": machine_info("cpu"),
             "figures": figures, "ratios": ratios,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
     return 0
 
 

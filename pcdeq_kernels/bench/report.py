@@ -55,6 +55,13 @@ def cpu_model() -> dict:
     return {"cpu_model": fields.get("model name"), "avx512": "avx512f" in fields.get("flags", "").split()}
 
 
+def write_json(path: str | Path, result: dict) -> None:
+    """Write a benchmark's result (its folder made as needed) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
 def machine_info(device_type: str) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

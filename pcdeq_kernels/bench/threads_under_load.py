@@ -11,18 +11,16 @@ in the environment to see what OpenMP's spinning waits cost under load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .call_path import _problem
-from .report import machine_info
+from .report import machine_info, write_json
 
 
 def _time(fn, seconds: float) -> dict:
@@ -68,9 +66,7 @@ def main(argv=None) -> int:
             "command": "python -m pcdeq_kernels.bench.threads_under_load " + " ".join(sys.argv[1:] if argv is None else argv),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "machine": machine_info("cpu"), "figures": figures,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
+        write_json(args.out, result)
     return 0
 
 
