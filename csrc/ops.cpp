@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/eager_solve.h"
 #include "cpu/solve_checks.h"
 #include "cpu/solver.h"
 
@@ -41,6 +42,15 @@ TORCH_LIBRARY(pcdeq_C, m) {
   // stopping rule's guard decided a converged sample), 0 for nothing.
   m.def("inputs_are_valid(Tensor u, Tensor weight, Tensor? z0, bool nonzero_rows) -> bool");
   m.def("solve_report(Tensor state, Tensor converged, Tensor residual, float tol, float eps) -> int");
+  // A whole eager CPU solve in one call (cpu/eager_solve.h): the checks of inputs_are_valid, forward_solve
+  // with the implicit gradient attached in C++, and the forward's report. jfb: Jacobian-free backward;
+  // spec: the SolveSpec key, for the backward's non-convergence report. Returns forward_solve's four
+  // outputs, the backward's iterations and residual (which the backward fills in) and a status (4:
+  // invalid inputs, nothing solved; else solve_report's bits). Eager only: no fake kernel.
+  m.def(
+      "eager_solve(Tensor u, Tensor weight, Tensor? z0, int activation, float tol, int max_iter, "
+      "bool batch_stop, float backward_tol, int backward_max_iter, bool jfb, str spec) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int)");
 }
 
 TORCH_LIBRARY_IMPL(pcdeq_C, CPU, m) {
@@ -48,4 +58,10 @@ TORCH_LIBRARY_IMPL(pcdeq_C, CPU, m) {
   m.impl("adjoint_solve", &pcdeq::cpu::adjoint_solve);
   m.impl("inputs_are_valid", &pcdeq::cpu::inputs_are_valid);
   m.impl("solve_report", &pcdeq::cpu::solve_report);
+  m.impl("eager_solve", &pcdeq::cpu::eager_solve);  // (reached below autograd: inference-mode tensors)
+}
+
+// eager_solve attaches its own autograd node (a torch::autograd::Function), so it is its own Autograd kernel.
+TORCH_LIBRARY_IMPL(pcdeq_C, Autograd, m) {
+  m.impl("eager_solve", &pcdeq::cpu::eager_solve);
 }

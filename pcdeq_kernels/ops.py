@@ -218,6 +218,36 @@ def _(v, weight, D, spec):
     return _fake(True, v, weight, D, spec)
 
 
+@torch.library.custom_op("pcdeq::report_nonconvergence", mutates_args=())
+def report_nonconvergence(state: Tensor, converged: Tensor, residual: Tensor, what: str, spec: str) -> None:
+    """``_apply_policy`` for a solve made in compiled code: the cpu backend's C++ autograd node
+    (``eager_solve``) calls this op after an adjoint solve in which ``solve_report`` found something to
+    report, so that the policy and its messages exist once, here."""
+    _apply_policy(what, state, converged, residual, SolveSpec.from_key(spec))
+
+
+def eager_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: SolveSpec, backend: str):
+    """A plain eager call made by ``backend.eager_solve`` in one compiled call (what ``functional`` uses
+    when ``has_eager_solve``): the checks, the solve, the gradient's autograd node (when u or weight
+    requires grad) and the forward's report come back together; errors and warnings are worded here,
+    on the slow path, only when its status says there is something to say. Returns ``(z*, iterations,
+    residual, converged, backward_iterations, backward_residual)``; the backward applies its own policy."""
+    check_like("z0", z0, u, "u")
+    *out, status = backends.get(backend).eager_solve(u, weight, z0, spec)
+    if status:
+        if status & compiled.INVALID_INPUTS:
+            _check_values(u, weight, z0, spec.activation)  # raises, with the message
+            raise AssertionError("eager_solve refused inputs that _check_values accepts")  # (a bug if reached)
+        _apply_policy("forward", out[0], out[3], out[2], spec)
+    return out
+
+
+def has_eager_solve(backend: str, u: Tensor, weight: Tensor, z0: Optional[Tensor]) -> bool:
+    """Whether this call can take ``eager_solve``: the backend has one, the call is plain eager (a traced
+    call takes the custom ops, which torch.compile sees) and the batch is not empty."""
+    return hasattr(backends.get(backend), "eager_solve") and u.shape[0] > 0 and not _traced(u, weight, z0)
+
+
 def _traced(*tensors: Optional[Tensor]) -> bool:
     """Whether anything other than plain eager execution is looking at this call: torch.compile or
     export, a tensor subclass (fake, functional, ...), or a torch function or dispatch mode."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pcdeq_kernels as pk
-from pcdeq_kernels import reference
+from pcdeq_kernels import ops, reference
 
 from problems import ALL_ACTIVATIONS, gradcheck_fixed_point, make_problem, unrolled_fixed_point
 
@@ -117,14 +117,21 @@ def test_half_precision_gradients_flow_in_the_input_dtype(dtype):
     assert _rel_err(gw.double(), gw64) < 4 * torch.finfo(dtype).eps
 
 
+needs_cpu = pytest.mark.skipif(not pk.available_backends()["cpu"], reason="needs the compiled extension")
+# The two autograd implementations: the cpu backend's eager calls get a C++ node (pcdeq_C::eager_solve),
+# every other call the Python autograd.Function (functional._FixedPoint).
+GRADIENT_PATHS = [pytest.param("cpu", marks=needs_cpu), "reference"]
+
+
+@pytest.mark.parametrize("backend", GRADIENT_PATHS)
 @pytest.mark.parametrize("loss", ["linear", "nonlinear"])
 @pytest.mark.parametrize("wrt", ["u", "weight"])
-def test_create_graph_is_a_clear_error_not_a_detached_gradient(loss, wrt):
+def test_create_graph_is_a_clear_error_not_a_detached_gradient(loss, wrt, backend):
     """A gradient penalty needs the gradient as a function of W and u: the layer cannot give that, and
     says so, whether or not the incoming gradient requires grad (a loss linear in z*: it does not)."""
     u, w = make_problem(3, 4, "tanh")
     x = {"u": u, "weight": w}[wrt].requires_grad_()
-    z, _ = pk.fixed_point(u, w)
+    z, _ = pk.fixed_point(u, w, backend=backend)
     out = z.sum() if loss == "linear" else z.square().sum()
     with pytest.raises(RuntimeError, match="first-order gradients only.*create_graph=True"):
         torch.autograd.grad(out, x, create_graph=True)
@@ -139,3 +146,104 @@ def test_torch_func_transforms_are_a_clear_error(transform):
         call = lambda: torch.func.vmap(lambda u_: pk.fixed_point(u_[None], w)[0])(u)  # noqa: E731
     with pytest.raises(RuntimeError, match="do not support torch.func transforms"):
         call()
+
+
+def _python_function_only(monkeypatch):
+    """Make every call take functional._FixedPoint (the path of the other backends and traced calls)."""
+    monkeypatch.setattr(ops, "has_eager_solve", lambda *args: False)
+
+
+def _cpu_solve_and_grads(u, w, activation, wrt=("u", "weight"), z0=None, **options):
+    leaves = {"u": u.clone().requires_grad_("u" in wrt), "weight": w.clone().requires_grad_("weight" in wrt)}
+    z, stats = pk.fixed_point(leaves["u"], leaves["weight"], activation, z0=z0, backend="cpu", **options)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(z.dtype)
+    grads = torch.autograd.grad(z, [leaves[name] for name in wrt], g)
+    return z, grads, stats
+
+
+# Both paths run the same compiled forward and adjoint ops; they differ only in D = act'(L(z*) + u),
+# which the C++ node evaluates with the cpu backend's SIMD formulas (float tanh within 2 ulp, torch's
+# within 1 ulp): h* moves by a few ulp times 1/(1 - c), c <= 0.5 here. Half inputs are solved in
+# float32 and the gradient rounded to the input dtype at the end: one rounding may flip (one ulp).
+PATH_TOLERANCES = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2**-7}
+
+
+@needs_cpu
+@pytest.mark.parametrize("activation", ALL_ACTIVATIONS)
+@pytest.mark.parametrize("shape", [dict(batch=5, dim=13), dict(batch=3, dim=4, conv_hw=(5, 6))], ids=["dense", "conv"])
+@pytest.mark.parametrize("dtype", PATH_TOLERANCES, ids=str)
+def test_cpu_cpp_autograd_node_matches_the_python_function(activation, shape, dtype, monkeypatch):
+    u, w = make_problem(shape["batch"], shape["dim"], activation, conv_hw=shape.get("conv_hw"), dtype=dtype)
+    z, grads, stats = _cpu_solve_and_grads(u, w, activation)
+    assert "pcdeq::cpu::FixedPoint" in z.grad_fn.name()  # the C++ node was taken
+    _python_function_only(monkeypatch)
+    z_py, grads_py, stats_py = _cpu_solve_and_grads(u, w, activation)
+    assert z_py.grad_fn.name() == "_FixedPointBackward"
+    torch.testing.assert_close(z, z_py, rtol=0, atol=0)  # the same forward op
+    rtol = PATH_TOLERANCES[dtype]
+    for got, want in zip(grads, grads_py):
+        assert got.dtype == want.dtype == dtype
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+    assert torch.equal(stats.forward_iterations, stats_py.forward_iterations)
+    assert torch.equal(stats.backward_iterations, stats_py.backward_iterations)
+    assert (stats.backward_iterations > 0).all() and (stats.backward_residual < 1e-4).all()
+
+
+@needs_cpu
+@pytest.mark.parametrize(
+    "variant", ["jfb", "batch_stop", "z0", "grad_u_only", "grad_weight_only", "channels_last"],
+)
+def test_cpu_cpp_autograd_node_matches_the_python_function_in_every_mode(variant, monkeypatch):
+    conv = variant == "channels_last"
+    u, w = make_problem(4, 3 if conv else 9, "sigmoid", conv_hw=(4, 5) if conv else None, dtype=torch.float32)
+    if conv:
+        u = u.contiguous(memory_format=torch.channels_last)
+    kwargs = {
+        "jfb": dict(backward="jfb"), "batch_stop": dict(stop="batch"), "z0": dict(z0=torch.full_like(u, 0.3)),
+        "grad_u_only": dict(wrt=("u",)), "grad_weight_only": dict(wrt=("weight",)),
+    }.get(variant, {})
+    z, grads, stats = _cpu_solve_and_grads(u, w, "sigmoid", **kwargs)
+    _python_function_only(monkeypatch)
+    z_py, grads_py, stats_py = _cpu_solve_and_grads(u, w, "sigmoid", **kwargs)
+    torch.testing.assert_close(z, z_py, rtol=0, atol=0)
+    assert z.stride() == z_py.stride() and len(grads) == len(grads_py)
+    for got, want in zip(grads, grads_py):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if variant == "jfb":
+        assert (stats.backward_iterations == 0).all() and stats.backward_residual.isnan().all()
+    else:
+        assert torch.equal(stats.backward_iterations, stats_py.backward_iterations)
+
+
+@pytest.mark.parametrize("backend", GRADIENT_PATHS)
+def test_backward_twice_needs_retain_graph_and_gives_the_same_gradient(backend):
+    u, w = make_problem(3, 5, "tanh", dtype=torch.float32)
+    u.requires_grad_()
+    z, stats = pk.fixed_point(u, w, backend=backend)
+    (first,) = torch.autograd.grad(z.sum(), u, retain_graph=True)
+    (second,) = torch.autograd.grad(z.sum(), u)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(z.sum(), u)
+
+
+@pytest.mark.parametrize("backend", GRADIENT_PATHS)
+def test_backward_nonconvergence_warns_with_the_policy(backend):
+    u, w = make_problem(4, 6, "tanh", weight_scale=0.9, dtype=torch.float32)
+    u.requires_grad_()
+    z, stats = pk.fixed_point(u, w, backward_tol=1e-12, backward_max_iter=2, backend=backend)
+    with pytest.warns(RuntimeWarning, match=r"backward solve: 4 of 4 samples did not reach tol=1e-12 within max_iter=2"):
+        z.sum().backward()
+    assert (stats.backward_iterations == 2).all() and u.grad is not None
+
+
+@needs_cpu
+def test_cpu_eager_path_runs_under_inference_mode_and_no_grad():
+    """The cpu backend's eager op is registered below autograd too: inference-mode tensors reach it there."""
+    u, w = make_problem(3, 5, "tanh", dtype=torch.float32)
+    want, _ = pk.fixed_point(u, w, backend="reference", tol=1e-7)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            z, stats = pk.fixed_point(u.clone(), w.clone(), backend="cpu", tol=1e-7)
+        assert z.grad_fn is None and stats.converged.all()
+        torch.testing.assert_close(z, want, rtol=1e-5, atol=1e-6)

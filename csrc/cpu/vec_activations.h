@@ -111,4 +111,25 @@ inline Vec<T> activation_vec(const Vec<T>& x) {
   }
 }
 
+// act'(x) on a vector, for a compile-time activation id: the scalar header's formulas, tanh's and
+// sigmoid's from activation_vec above; any other activation takes the scalar formula lane by lane.
+template <int ACT, typename T>
+inline Vec<T> activation_derivative_vec(const Vec<T>& x) {
+  using V = Vec<T>;
+  if constexpr (ACT == TANH) {
+    const V t = activation_vec<ACT, T>(x);
+    return V(T(1)) - t * t;
+  } else if constexpr (ACT == SOFTSIGN) {
+    const V s = V(T(1)) + x.abs();
+    return V(T(1)) / (s * s);
+  } else if constexpr (ACT == RELU6) {
+    return (x > V(T(0))) & (x < V(T(6))) & V(T(1));  // 0 at the kinks and for NaN, as the scalar formula
+  } else if constexpr (ACT == SIGMOID) {
+    const V s = activation_vec<ACT, T>(x);
+    return s * (V(T(1)) - s);
+  } else {
+    return x.map(activation_derivative<ACT, T>);
+  }
+}
+
 }  // namespace pcdeq::cpu

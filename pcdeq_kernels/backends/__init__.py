@@ -12,7 +12,14 @@ A backend is a module with
 
 with the semantics of ``pcdeq_kernels.reference``; ``spec`` is a ``SolveSpec`` and ``problem`` a
 ``problem.Problem`` (kind, device type, dtype, batch). Empty batches never reach a backend (the ops
-answer them).
+answer them). A backend may also offer
+
+    eager_solve(u, weight, z0, spec)        -> forward_solve's outputs, the backward's iterations and
+                                               residual, a status (see backends/compiled.py)
+
+the whole eager call in compiled code: the input checks, the forward solve, its implicit gradient
+attached by a compiled autograd node (the cpu backend: C++) and the forward's report; ``functional``
+uses it for plain eager calls in place of the ops and the Python ``autograd.Function``.
 
 ``"auto"`` takes the first backend in ``AUTO_ORDER`` that is available and can solve the spec on the
 problem's tensors; the reference solves everything, so ``"auto"`` never fails.

@@ -44,6 +44,22 @@ def adjoint_solve(v, weight, D, spec):
     return torch.ops.pcdeq_C.adjoint_solve(v, weight, D, spec.backward_tol, spec.backward_max_iter, spec.batch_stop)
 
 
+def eager_solve(u, weight, z0, spec):
+    """The whole eager solve in one compiled call (``pcdeq_C::eager_solve``, csrc/cpu/eager_solve.h):
+    the input checks, ``forward_solve`` with the implicit gradient attached by a C++ autograd node, and
+    the forward's report. CPU tensors, a nonempty batch, eager mode only. Returns the forward's four
+    outputs, the backward's iterations and residual (filled in when the gradient is computed) and a
+    status (``INVALID_INPUTS``, nothing solved; else ``solve_report``'s bits)."""
+    kernel_id = get_activation(spec.activation).kernel_id
+    return torch.ops.pcdeq_C.eager_solve.default(
+        u, weight, z0, kernel_id, spec.tol, spec.max_iter, spec.batch_stop,
+        spec.backward_tol, spec.backward_max_iter, spec.backward == "jfb", spec.key,
+    )
+
+
+INVALID_INPUTS = 4  # eager_solve's status when the inputs were refused (csrc/cpu/eager_solve.h)
+
+
 def _check_fake_call(op, x_name, x, weight, other_name, other, activation=None):
     """What the kernels check (csrc/include/pcdeq/op_checks.h), for the calls that reach the fake
     kernels instead: torch.compile's, and any call with a meta tensor among its arguments (one sends

@@ -14,8 +14,15 @@ their fake kernels are registered in ``compiled.py``. Solves every spec and dtyp
 
 from __future__ import annotations
 
+import torch
+
 from . import compiled
 from .compiled import adjoint_solve, forward_solve  # noqa: F401  (the backend interface)
+
+if compiled.has_kernels("CPU") and hasattr(torch.ops.pcdeq_C, "eager_solve"):
+    # The optional third entry point (see backends/__init__.py): the whole eager call in one C++ op,
+    # its gradient attached by a C++ autograd node.
+    from .compiled import eager_solve  # noqa: F401
 
 NAME = "cpu"
 _AVAILABLE = compiled.has_kernels("CPU")
