@@ -4,7 +4,7 @@ machine and beside one busy process.
 For each shape, the compiled forward op (``torch.ops.pcdeq_C.forward_solve``, tanh, tol 1e-4, the
 problem of ``call_path``) is timed for at least a second per point with ``torch.set_num_threads(1)``
 and ``(2)``, first idle, then while a second Python process spins (``while True: pass``, not pinned).
-Prints medians and 90th percentiles in microseconds. Run it with and without ``OMP_WAIT_POLICY=PASSIVE``
+Prints medians, means and 90th percentiles in microseconds (contention shows in the mean and the tail). Run it with and without ``OMP_WAIT_POLICY=PASSIVE``
 in the environment to see what OpenMP's spinning waits cost under load.
 """
 
@@ -33,7 +33,8 @@ def _time(fn, seconds: float) -> dict:
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
     times.sort()
-    return {"median_us": statistics.median(times), "p90_us": times[int(0.9 * len(times))], "calls": len(times)}
+    return {"median_us": statistics.median(times), "mean_us": statistics.fmean(times),
+            "p90_us": times[int(0.9 * len(times))], "calls": len(times)}
 
 
 def main(argv=None) -> int:
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                     f = _time(lambda: op(u, weight, None, 0, 1e-4, 200, False), args.seconds)
                     figures[f"{load} {batch}x{dim} threads={threads}"] = f
                     print(f"{load:4s} {batch}x{dim} threads={threads}: median {f['median_us']:8.0f} us  "
-                          f"p90 {f['p90_us']:8.0f} us", flush=True)
+                          f"mean {f['mean_us']:8.0f} us  p90 {f['p90_us']:8.0f} us", flush=True)
         finally:
             if hog:
                 hog.kill()
