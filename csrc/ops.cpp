@@ -10,6 +10,7 @@
 #include "cpu/eager_solve.h"
 #include "cpu/solve_checks.h"
 #include "cpu/solver.h"
+#include "cpu/thread_budget.h"
 
 // `import pcdeq_kernels._C` loads this library, which runs the registrations below. The Python
 // module itself is empty: the ops live under torch.ops.pcdeq_C.
@@ -47,6 +48,8 @@ TORCH_LIBRARY(pcdeq_C, m) {
   // spec: the SolveSpec key, for the backward's non-convergence report. Returns forward_solve's four
   // outputs, the backward's iterations and residual (which the backward fills in) and a status (4:
   // invalid inputs, nothing solved; else solve_report's bits). Eager only: no fake kernel.
+  // Seconds left of the cpu backend's single-thread backoff after contended solves (cpu/thread_budget.h).
+  m.def("thread_backoff_seconds() -> float", [] { return pcdeq::cpu::ThreadBudget::backoff_seconds_left(); });
   m.def(
       "eager_solve(Tensor u, Tensor weight, Tensor? z0, int activation, float tol, int max_iter, "
       "bool batch_stop, float backward_tol, int backward_max_iter, bool jfb, str spec) "

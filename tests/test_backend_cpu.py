@@ -520,3 +520,71 @@ print("child", os.waitstatus_to_exitcode(status))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.split() == ["threads", "True", "child", "0"], out.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux) to pin to one core")
+def test_contended_threads_back_off_to_one_with_the_same_answers(tmp_path):
+    # Two torch threads on one core: a two-thread solve's caller spends about half its time off the CPU,
+    # which is contention (csrc/cpu/thread_budget.h): the solves after it run on one thread for a while,
+    # with answers equal bit for bit to one thread's.
+    script = tmp_path / "contention.py"
+    script.write_text(
+        r"""
+import faulthandler, os
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before torch starts a thread (they inherit it)
+import torch
+faulthandler.dump_traceback_later(100, exit=True)
+from pcdeq_kernels.backends import cpu
+g = torch.Generator().manual_seed(0)
+w = torch.rand(256, 256, generator=g) * (1.8 / 256)
+u = torch.nn.functional.softplus(torch.randn(256, 256, generator=g), beta=5)
+solve = lambda: torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-6, 500, False)[0]
+torch.set_num_threads(1)
+alone = solve()
+print("idle", cpu.thread_backoff_seconds())
+torch.set_num_threads(2)
+answers, backed_off = [], []
+for _ in range(20):  # (a probe whose other thread happens not to run in it looks uncontended)
+    answers.append(solve())
+    backed_off.append(cpu.thread_backoff_seconds() > 0)
+print("backoff", any(backed_off))
+print("equal", all(torch.equal(z, alone) for z in answers))
+"""
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split() == ["idle", "0.0", "backoff", "True", "equal", "True"], out.stdout
+
+
+def test_eager_solve_op_refuses_malformed_calls_and_reports_invalid_inputs():
+    """pcdeq_C::eager_solve (the cpu backend's eager path) checks its arguments as forward_solve does, and
+    the backward's options at once; inputs that are negative or non-finite come back unsolved with
+    status 4, which the op layer turns into the worded error."""
+    u, w = make_problem(3, 5, "tanh", dtype=torch.float32)
+    op = torch.ops.pcdeq_C.eager_solve.default
+    good = dict(z0=None, activation=0, tol=1e-4, max_iter=50, batch_stop=False, backward_tol=1e-4,
+                backward_max_iter=50, jfb=False, spec=pk.SolveSpec(backend="cpu").key)
+
+    def call(u_, w_, **changes):
+        args = {**good, **changes}
+        return op(u_, w_, *args.values())
+
+    z, its, res, conv, bits, bres, status = call(u, w)
+    assert status == 0 and conv.all() and (bits == 0).all() and bres.isnan().all()
+    torch.testing.assert_close(z, torch.ops.pcdeq_C.forward_solve(u, w, None, 0, 1e-4, 50, False)[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="unknown activation id 1099511627776"):
+        call(u, w, activation=2**40)
+    with pytest.raises(RuntimeError, match="the cpu backend needs CPU tensors; got u on cpu and weight on meta"):
+        call(u, w.to("meta"))
+    with pytest.raises(RuntimeError, match=r"backward's options\): tol must be a positive finite number"):
+        call(u, w, backward_tol=float("nan"))
+    with pytest.raises(RuntimeError, match=r"backward's options\): max_iter must be >= 1, got 0"):
+        call(u, w, backward_max_iter=0)
+    with pytest.raises(RuntimeError, match="an empty batch is the op layer's to answer"):
+        call(u[:0], w)
+    negative = w.clone()
+    negative[0, 0] = -1.0
+    *outputs, status = call(u, negative)
+    assert status == 4 and all(t is None for t in outputs)  # nothing solved
+    with pytest.raises(ValueError, match="weight has negative entries"):
+        pk.fixed_point(u, negative, backend="cpu")

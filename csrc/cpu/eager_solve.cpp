@@ -4,10 +4,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <pcdeq/activations.h>
+#include <pcdeq/op_checks.h>
 
 #include <cmath>
 
@@ -116,7 +116,7 @@ struct FixedPoint : public torch::autograd::Function<FixedPoint> {
                   (grad_z.requires_grad() || u.requires_grad() || weight.requires_grad() || z.requires_grad())),
                 kFirstOrderOnly);
     // The solve runs in its inputs' precision, never autocast's (as functional._without_autocast).
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    const NoAutocastGuard no_autocast;
     auto& data = ctx->saved_data;
     if (z.dim() == 4) {  // conv: the solvers' layout (channels-last), converted once
       u = u.contiguous(at::MemoryFormat::ChannelsLast);
@@ -166,19 +166,18 @@ at::Tensor activation_derivative_at(const at::Tensor& z, const at::Tensor& u, co
 EagerSolveOutputs eager_solve(const at::Tensor& u, const at::Tensor& weight, const std::optional<at::Tensor>& z0,
                               int64_t activation, double tol, int64_t max_iter, bool batch_stop, double backward_tol,
                               int64_t backward_max_iter, bool jfb, c10::string_view spec) {
-  TORCH_CHECK(u.device().is_cpu() && weight.device().is_cpu(),
-              "pcdeq_C::eager_solve: the cpu backend's op takes CPU tensors, got u on ", u.device(),
-              " and weight on ", weight.device());
-  TORCH_CHECK(u.dim() >= 1 && u.size(0) > 0, "pcdeq_C::eager_solve: an empty batch is the op layer's to answer");
+  // (forward_solve checks these again; the backward's options are checked here, not at backward time)
+  check_forward_args(c10::DeviceType::CPU, u, weight, z0, activation, tol, max_iter);
+  detail::check_options("pcdeq_C::eager_solve (the backward's options)", backward_tol, backward_max_iter);
+  TORCH_CHECK(u.size(0) > 0, "pcdeq_C::eager_solve: an empty batch is the op layer's to answer");
   bool zero_at_zero = false;  // act(0) = 0: then a sample whose u is all 0 is refused (solve_checks.h)
-  TORCH_CHECK(visit_activation(activation, [&](auto act) {
-                zero_at_zero = pcdeq::activation<decltype(act)::value, float>(0.0f) == 0.0f;
-              }),
-              "pcdeq_C::eager_solve: unknown activation id ", activation);
+  visit_activation(activation, [&](auto act) {
+    zero_at_zero = pcdeq::activation<decltype(act)::value, float>(0.0f) == 0.0f;
+  });
   if (!inputs_are_valid(u, weight, z0, zero_at_zero)) {
     return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), kInvalidInputs};
   }
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const NoAutocastGuard no_autocast;
   variable_list out;
   if (at::GradMode::is_enabled() && (u.requires_grad() || weight.requires_grad())) {
     out = FixedPoint::apply(u, weight, z0, activation, tol, max_iter, batch_stop, backward_tol,

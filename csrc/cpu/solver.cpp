@@ -30,6 +30,8 @@
 //     that converges early does not leave the other thread idle at the end.
 //   - whole-batch rule: every step needs the ratio over the whole batch, so the rows are cut into
 //     one block per thread, joined after every step (one fork/join per step).
+// A multithreaded solve reports how long its calling thread was not computing (thread_budget.h):
+// when other processes contend for the cores, the solves that follow run on one thread for a while.
 #include "solver.h"
 
 #include <ATen/ATen.h>
@@ -39,6 +41,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -53,6 +56,7 @@
 #include "interrupt.h"
 #include "row_update.h"
 #include "small_gemm.h"
+#include "thread_budget.h"
 
 namespace pcdeq::cpu {
 namespace {
@@ -71,6 +75,10 @@ constexpr int64_t kMaxPackedDim = 1024;
 // per step; under the whole-batch rule, when it pays for a fork/join every step.
 constexpr int64_t kMinThreadWork = 150000;
 constexpr int64_t kMinThreadWorkBatchStop = 250000;
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
 // Groups of rows per thread under the per-sample rule (see the file comment).
 constexpr int64_t kGroupsPerThread = 4;
 // The BLAS path's fused pass goes parallel in chunks of at least this many elements (a few
@@ -118,7 +126,8 @@ class Iteration {
       matrix_ = transpose ? weight.t() : weight;  // BLAS reads the transposed view in place
     }
     // Threads (packed kernel only): as many as give each one at least a full row tile and enough work
-    // per step. BLAS runs on the calling thread and threads itself.
+    // per step (torch's thread count is 1 while recent solves found the cores contended: see
+    // thread_budget.h). BLAS runs on the calling thread and threads itself.
     const int64_t work_per_row = 2 * d_ * d_ + 90 * d_ + 2500;
     const int64_t min_work = batch_stop_ ? kMinThreadWorkBatchStop : kMinThreadWork;
     threads_ = 1;
@@ -145,6 +154,10 @@ class Iteration {
   }
 
   SolveOutputs run() {
+    // A multithreaded solve measures how much of its time the calling thread did not compute (see
+    // thread_budget.h): its wall time minus its CPU time, plus its spinning at the per-step joins.
+    const auto wall_start = std::chrono::steady_clock::now();
+    const double cpu_start = threads_ > 1 ? thread_cpu_seconds() : -1.0;
     if (batch_stop_) {
       run_batch_stop();
     } else {
@@ -171,6 +184,10 @@ class Iteration {
       });
     }
     interrupt_.rethrow_if_interrupted();
+    if (cpu_start >= 0.0) {
+      const double wall = seconds_since(wall_start);
+      ThreadBudget::record(wall, wall - (thread_cpu_seconds() - cpu_start) + join_wait_);
+    }
     return {x_, iterations_, residual_, converged_};
   }
 
@@ -301,9 +318,16 @@ class Iteration {
     Verdict v = Verdict::kGoOn;
     while (steps < max_iter_ && v == Verdict::kGoOn && !interrupt_.poll()) {
       ++steps;
+      std::chrono::steady_clock::time_point own_done;  // when the calling thread finished its block
       parallel_threads([&](int64_t block) {  // one group per thread
         step(active_.data() + bounds_[block], bounds_[block + 1] - bounds_[block], scratch_[block]);
+        if (threads_ > 1 && interrupt_.polls_here()) {
+          own_done = std::chrono::steady_clock::now();
+        }
       });
+      if (threads_ > 1) {
+        join_wait_ += seconds_since(own_done);
+      }
       const double total_diff = std::accumulate(sq_diff_.begin(), sq_diff_.end(), 0.0);
       const double total_norm = std::accumulate(sq_norm_.begin(), sq_norm_.end(), 0.0);
       v = verdict(relative_residual<T>(total_diff, total_norm), tol_);
@@ -338,6 +362,7 @@ class Iteration {
   int64_t threads_;
   std::vector<int64_t> bounds_;           // group k owns active_[bounds_[k], bounds_[k + 1])
   std::vector<Scratch> scratch_;          // one per thread
+  double join_wait_ = 0.0;                // the calling thread's seconds at the whole-batch rule's joins
   Interrupt interrupt_;                   // made on the op's calling thread, which polls
 };
 
@@ -380,6 +405,7 @@ SolveOutputs forward_solve(
     int64_t max_iter,
     bool batch_stop) {
   const NoAutocastGuard no_autocast;
+  const ThreadBudget::Scope threads;
   check_forward_args(c10::DeviceType::CPU, u, weight, z0, activation, tol, max_iter);
   const auto dtype = state_dtype(u.scalar_type());
   at::Tensor u_c = as_input(u, dtype);
@@ -403,6 +429,7 @@ SolveOutputs adjoint_solve(
     int64_t max_iter,
     bool batch_stop) {
   const NoAutocastGuard no_autocast;
+  const ThreadBudget::Scope threads;
   check_adjoint_args(c10::DeviceType::CPU, v, weight, D, tol, max_iter);
   const auto dtype = state_dtype(v.scalar_type());
   at::Tensor v_c = as_input(v, dtype);

@@ -48,3 +48,12 @@ def unsupported_reason(spec, problem) -> str:
     if problem.device_type != "cpu":
         return f"the cpu backend solves CPU tensors, not {problem.device_type} ones"
     return ""
+
+
+def thread_backoff_seconds() -> float:
+    """Seconds left during which the cpu backend solves on one thread because its recent multithreaded
+    solves found the cores busy with other work (0.0: solves get the threads their size allows). See
+    docs/backends.md ("cpu": threads under contention)."""
+    if not _AVAILABLE:
+        raise RuntimeError(f"backend 'cpu' is not available: {unavailable_reason()}")
+    return torch.ops.pcdeq_C.thread_backoff_seconds()
