@@ -142,5 +142,18 @@ def version():
     return f"{base}+{local}" if local else base
 
 
+def requirements(compiled: bool) -> list[str]:
+    """torch and numpy. A build with the compiled extension loads only with the torch minor version it
+    was compiled against (the regular libtorch C++ ABI), so its metadata pins that minor version: pip
+    then refuses to install a wheel beside another torch, or to upgrade torch under it, instead of
+    leaving an extension that fails to load."""
+    if not compiled:
+        return ["torch>=2.4", "numpy"]
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return [f"torch=={major}.{minor}.*", "numpy"]
+
+
 ext_modules, cmdclass = extension_modules()
-setup(version=version(), ext_modules=ext_modules, cmdclass=cmdclass)
+setup(version=version(), ext_modules=ext_modules, cmdclass=cmdclass, install_requires=requirements(bool(ext_modules)))

@@ -8,7 +8,7 @@
 #
 #   benchmarks/gpu_suite.sh OUT_DIR                                   # every step but the sanitizers
 #   benchmarks/gpu_suite.sh OUT_DIR build tests-cuda                  # some, in this order:
-#       build tests-cuda tests-triton tests-rest bench-float32 bench-bfloat16 bench-loops bench-loops-cuda bench-conv
+#       build selfcheck tests-cuda tests-triton tests-rest bench-float32 bench-bfloat16 bench-loops bench-loops-cuda bench-conv
 #   benchmarks/gpu_suite.sh OUT_DIR build sanitize-racecheck          # only when named: sanitize-racecheck, -synccheck, -memcheck
 #
 # PACK=1 packs everything the steps wrote into OUT_DIR/suite-<steps>.tgz (one file: the device tool
@@ -19,7 +19,7 @@
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: benchmarks/gpu_suite.sh OUT_DIR [STEP...]}")
 shift
-WANTED=" ${*:-build tests-cuda tests-triton tests-rest bench-float32 bench-bfloat16 bench-loops bench-loops-cuda bench-conv} "
+WANTED=" ${*:-build selfcheck tests-cuda tests-triton tests-rest bench-float32 bench-bfloat16 bench-loops bench-loops-cuda bench-conv} "
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 if [ "${PACK:-0}" = 1 ]; then  # write into a folder of its own, packed at exit
@@ -53,6 +53,10 @@ cat "$OUT/environment.txt"
 ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 step build 300 env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}" \
   "$PY" setup.py build_ext --inplace
+# The installation self-check (python -m pcdeq_kernels): every usable backend against the float64
+# reference on a dense and a conv problem, on the GPU; a minute at most, and the first answer to
+# "do the kernels work on this GPU at all".
+step selfcheck 120 "$PY" -m pcdeq_kernels
 # The tests run without autotuning (each launch compiles only the first config that suits it; a test
 # forces every config in turn) and without the compile-only tests (every Triton config and every .cu
 # file for sm_80/sm_90: CI runs them on CPU), in three groups that each fit a call beside the build.

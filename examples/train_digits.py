@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     layer = model.pcdeq_layers()[0]
     chosen = resolve(layer.spec, Problem("dense" if args.model == "linear" else "conv", "cpu", torch.float32, len(y_train)))
     print(f"digits: {len(y_train)} train / {len(y_test)} test images of {tuple(x_train.shape[1:])}; "
-          f"{args.model} pcDEQ ({args.activation}), backend {args.backend!r} -> {chosen!r}; "
-          f"available {pk.available_backends()}")
+          f"{args.model} pcDEQ ({args.activation}), backend {args.backend!r} -> {chosen!r}")
+    for name, status in pk.backend_status().items():
+        print(f"  backend {name}: {status}")
     start = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         loss, train_acc, fwd, bwd = run_epoch(model, x_train, y_train, optimizer)
@@ -103,8 +104,12 @@ def main(argv=None) -> int:
         _, test_acc, test_fwd, _ = run_epoch(model, x_test, y_test)
         print(f"epoch {epoch:3d}  loss {loss:.4f}  train {train_acc:.4f}  test {test_acc:.4f}  "
               f"fwd iters {fwd:5.1f}  bwd iters {bwd:5.1f}  time {time.perf_counter() - start:6.1f}s", flush=True)
-    backend = model.pcdeq_layers()[0].stats.backend
-    print(f"final test accuracy {test_acc:.4f} (target {args.target}) in {time.perf_counter() - start:.1f}s on backend {backend!r}")
+    stats = model.pcdeq_layers()[0].stats  # of the last test batch
+    bound = stats.contraction_bound
+    print(f"trained layer on the last test batch: {stats.forward_iterations.float().mean():.1f} forward iterations; "
+          f"contraction bound (each step shrinks the error by about this factor) median {bound.median():.3f}, "
+          f"max {bound.max():.3f}")
+    print(f"final test accuracy {test_acc:.4f} (target {args.target}) in {time.perf_counter() - start:.1f}s on backend {stats.backend!r}")
     return 0 if test_acc >= args.target else 1
 
 

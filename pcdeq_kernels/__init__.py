@@ -6,7 +6,7 @@
 """
 
 from .activations import ACTIVATIONS, Activation, get_activation
-from .backends import available_backends
+from .backends import BackendStatus, available_backends, backend_status
 from .functional import SolverStats, fixed_point
 from .modules import PCDEQConv2d, PCDEQLinear
 from .ops import NonConvergenceError
@@ -17,12 +17,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ACTIVATIONS",
     "Activation",
+    "BackendStatus",
     "NonConvergenceError",
     "PCDEQConv2d",
     "PCDEQLinear",
     "SolveSpec",
     "SolverStats",
     "available_backends",
+    "backend_status",
     "fixed_point",
     "get_activation",
 ]

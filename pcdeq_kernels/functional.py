@@ -29,11 +29,12 @@ from .spec import SolveSpec, with_solve_options
 class SolverStats:
     """Per-sample statistics of one solve (tensors of shape (B,)).
 
-    ``contraction_bound`` is ``max_i (1 - act(u)_i / z*_i)``: an upper bound on the spectral radius of
-    the Jacobian at ``z*`` (so on the adjoint's linear rate), and the rate at which the iteration from
-    0 approaches ``z*`` in the norm ``max_i |x_i| / z*_i``. It is computed on first access (the stats
-    keep references to ``z*`` and ``u`` until then). The backward fields are filled when the gradient
-    is computed (in eager mode; under ``torch.compile`` they stay at 0 / NaN).
+    ``contraction_bound`` is an upper bound on the spectral radius of the Jacobian at ``z*`` (the
+    adjoint's linear rate and the forward iteration's asymptotic one), by Collatz-Wielandt from ``z*``
+    and two power steps (``reference.contraction_bound``: three matmuls, in float64). It is computed on
+    first access (the stats keep references to ``z*``, ``u`` and ``W`` until then). The backward fields
+    are filled when the gradient is computed (in eager mode; under ``torch.compile`` they stay at
+    0 / NaN).
     """
 
     forward_iterations: Tensor
@@ -48,8 +49,8 @@ class SolverStats:
     @property
     def contraction_bound(self) -> Tensor:
         if self._bound is None:
-            z, u, activation = self._bound_inputs
-            self._bound = reference.contraction_bound(z, u, activation)
+            z, u, weight, activation = self._bound_inputs
+            self._bound = reference.contraction_bound(z, u, weight, activation)
             self._bound_inputs = None
         return self._bound
 
@@ -218,7 +219,7 @@ def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = Non
         backward_iterations=backward_stats[0],
         backward_residual=backward_stats[1],
         backend=backend,
-        _bound_inputs=(z.detach(), u.detach(), spec.activation),
+        _bound_inputs=(z.detach(), u.detach(), weight.detach(), spec.activation),
     )
     stats_out.append(stats)
     return z, stats

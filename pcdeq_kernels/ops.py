@@ -103,7 +103,7 @@ def _check_values(u: Tensor, weight: Tensor, z0: Optional[Tensor], activation: s
     )
 
 
-def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor, spec: SolveSpec) -> None:
+def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor, spec: SolveSpec, stacklevel: int = 4) -> None:
     """The non-convergence policy; and, under the per-sample rule, a warning for samples that met it
     only through its ``+ 1e-5`` guard: ``||dx|| / (||x|| + 1e-5) < tol`` while ``||dx|| / ||x|| >= tol``,
     i.e. the state is so small (``||x||`` of order 1e-5 or below) that the rule says nothing about its
@@ -134,7 +134,7 @@ def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor,
                 f"{reference.RESIDUAL_EPS:g}, so the relative change is still above tol): the official rule, but no "
                 "accuracy guarantee for them; scale the input (or the loss) up, or lower tol",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
     if converged.all():
         return
@@ -156,7 +156,7 @@ def _apply_policy(what: str, state: Tensor, converged: Tensor, residual: Tensor,
         )
     if spec.on_nonconvergence == "raise":
         raise NonConvergenceError(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def _empty_solve(x: Tensor, x0: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -223,7 +223,8 @@ def report_nonconvergence(state: Tensor, converged: Tensor, residual: Tensor, wh
     """``_apply_policy`` for a solve made in compiled code: the cpu backend's C++ autograd node
     (``eager_solve``) calls this op after an adjoint solve in which ``solve_report`` found something to
     report, so that the policy and its messages exist once, here."""
-    _apply_policy(what, state, converged, residual, SolveSpec.from_key(spec))
+    # (called from the C++ autograd engine: no user frame to point at; this line, not torch's internals)
+    _apply_policy(what, state, converged, residual, SolveSpec.from_key(spec), stacklevel=2)
 
 
 def eager_solve(u: Tensor, weight: Tensor, z0: Optional[Tensor], spec: SolveSpec, backend: str):

@@ -2,6 +2,7 @@
 # Build the wheels a cluster admin installs, then prove each one works in a fresh virtual environment.
 #
 #   scripts/build_wheels.sh [OUT_DIR]          (default: dist/)
+#   scripts/build_wheels.sh --help             (this text)
 #
 #   cpu   pcdeq_kernels-<v>+cpu.torch<T>-...whl     against torch 2.13.0 (CPU build), portable AVX2 kernels
 #   cuda  pcdeq_kernels-<v>+cu<C>.torch<T>-...whl   against torch 2.14.1 (CUDA 13.0 build) with this
@@ -11,7 +12,8 @@
 # The local version (+cpu.torch2.13, +cu130.torch2.14) names what the wheel was compiled against: a
 # wheel of the regular (not stable) libtorch ABI loads only with that torch minor version.
 # Each wheel is installed into a new venv beside its torch; the check imports it, asserts the
-# pcdeq_C ops have kernels for the expected dispatch keys (CPU; CPU and CUDA), and for the CUDA
+# pcdeq_C ops have kernels for the expected dispatch keys (CPU; CPU and CUDA), runs the installation
+# self-check (python -m pcdeq_kernels: each usable backend against the reference), and for the CUDA
 # wheel lists the GPU architectures inside (cuobjdump from triton's wheel) and fails on register
 # spills reported by ptxas.
 #
@@ -27,6 +29,10 @@
 # served (the build venv once its wheel is built, the check venv once checked), so at most one of them
 # exists at a time; two side by side ran a CI machine out of space.
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # this header, without the comment marks
+  sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=$(realpath -m "${1:-dist}")
@@ -36,7 +42,9 @@ mkdir -p "$OUT"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 export PIP_NO_CACHE_DIR=1  # the torch wheels are GBs; nothing here is installed twice from a cache
-log() { printf '\n== %s (%s free on %s)\n' "$*" "$(df -h --output=avail "$WORK" | tail -n 1 | tr -d ' ')" "$WORK"; }
+log() {  # a step's banner, with the time so far and the free disk (the venvs hold GBs)
+  printf '\n== %s (%d s in; %s free on %s)\n' "$*" "$SECONDS" "$(df -h --output=avail "$WORK" | tail -n 1 | tr -d ' ')" "$WORK"
+}
 done_with() {  # done_with VENV: delete a venv this script made, unless KEEP_WORK=1
   [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$1"
 }
@@ -104,14 +112,17 @@ keys = ["CPU"] + (["CUDA"] if kind == "cuda" else [])
 for op in ("pcdeq_C::forward_solve", "pcdeq_C::adjoint_solve"):
     for key in keys:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
-assert pk.available_backends()["cpu"], pk.backends._why_unavailable("cpu")
-u, w = torch.rand(3, 5), torch.rand(5, 5) * 0.1
-z, stats = pk.fixed_point(u, w, backend="cpu", tol=1e-6)
-ref, _ = pk.fixed_point(u, w, backend="reference", tol=1e-6)
-assert torch.allclose(z, ref, atol=1e-5), (z, ref)
-print(f"{kind} wheel OK: {_C.__file__}; torch {torch.__version__}; kernels for {keys}")
+assert pk.available_backends()["cpu"], pk.backend_status()["cpu"].reason
+# the metadata pins the torch minor version the wheel was compiled against (setup.py requirements)
+import importlib.metadata
+minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+assert f"torch=={minor}.*" in importlib.metadata.requires("pcdeq_kernels"), importlib.metadata.requires("pcdeq_kernels")
+print(f"{kind} wheel: {_C.__file__}; torch {torch.__version__}; kernels for {keys}")
 EOF
   )
+  # the self-check a cluster admin runs on a node (python -m pcdeq_kernels): every usable backend
+  # against the float64 reference, dense and conv (on CPU here; on a GPU node the GPU backends too)
+  (cd "$WORK" && "$venv/bin/python" -m pcdeq_kernels)
   if [ "$kind" = cuda ]; then
     local so cuobjdump
     so=$(cd "$WORK" && "$venv/bin/python" -c "from pcdeq_kernels import _C; print(_C.__file__)")

@@ -420,7 +420,7 @@ def check_gradients_match_the_reference_backend(backend_name, u, w, activation, 
 # Where a solver rounds the matmul's or convolution's operands to a type of unit roundoff u (tf32 and
 # fp16: 2^-11; bf16: 2^-8), accumulating in fp32, a relative perturbation of at most ~2u per product
 # moves the fixed point by at most 2u / (1 - c), c the sample's contraction bound
-# (reference.contraction_bound). Allowed, per sample (per batch, Frobenius, for stop="batch"):
+# (reference.global_contraction_rate). Allowed, per sample (per batch, Frobenius, for stop="batch"):
 # ||x - x*|| <= (4u + 2 tol) / (1 - c) ||x*||, the 2 tol for the two solves' stopping errors, plus
 # 4 * 2^-24 sqrt(n) / (1 - c) for fp16's subnormal spacing (tiny entries have no relative precision).
 # tests/test_backend_cuda.py and tests/test_backend_cuda_conv.py say more, per backend.

@@ -21,7 +21,7 @@ Tolerances, each with its reason:
   for tf32) rounded to the operand type, unit roundoff u = 2^-11 (tf32: 10-bit mantissa; fp16) or
   2^-8 (bf16), accumulating in fp32; half inputs are otherwise solved in float32 as the reference
   solves them. A relative perturbation of at most ~2u per product moves the fixed point by at most
-  2u / (1 - c), c the sample's contraction bound (reference.contraction_bound: large when W's row sum
+  2u / (1 - c), c the sample's contraction bound (reference.global_contraction_rate: large when W's row sum
   is near 1, as in some d = 1 problems). Allowed, per sample (per batch, Frobenius, for stop="batch"):
   ||x - x_ref|| <= (4u + 2 tol) / (1 - c) ||x_ref||, the 2 tol for the two solves' stopping errors,
   plus 4 * 2^-24 / (1 - c) per entry for fp16 (its subnormal spacing: tiny injections give entries
@@ -216,7 +216,7 @@ def test_tf32_forward_and_adjoint(activation, stop, path, fp32_tf32):
         u, w = _gpu(*make_problem(batch, dim, activation, dtype=torch.float64, seed=seed))
         its64 = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)[1]
         z_star = reference.forward_solve(u, w, activation, tol=1e-13, max_iter=3000)[0]
-        c = reference.contraction_bound(z_star, u, activation)
+        c = reference.global_contraction_rate(z_star, u, activation)
         z, its, res, conv = cuda.forward_solve(u.float(), w.float(), None, spec(activation, 1e-4, 500, stop))
         assert z.dtype == torch.float32 and res.dtype == torch.float32
         assert conv.all(), (batch, dim)  # from z0 = 0 the rounded iteration is monotone: it must stop
@@ -259,7 +259,7 @@ def test_half_precision_forward_and_adjoint(activation, dtype, stop, path):
         u, w = _gpu(*make_problem(batch, dim, activation, dtype=dtype, seed=seed))
         z, its, res, conv = cuda.forward_solve(u, w, None, spec(activation, 1e-4, 500, stop))
         z_ref, its_ref, *_ = reference.forward_solve(u, w, activation, tol=1e-4, max_iter=500, stop=stop)
-        c = reference.contraction_bound(reference.forward_solve(u, w, activation, tol=1e-6, max_iter=3000)[0], u, activation)
+        c = reference.global_contraction_rate(reference.forward_solve(u, w, activation, tol=1e-6, max_iter=3000)[0], u, activation)
         assert z.dtype == dtype and res.dtype == torch.float32 and its.dtype == torch.int32
         assert conv.all(), (batch, dim)
         assert_within_rounding(z, z_ref, c, dtype, stop)

@@ -30,7 +30,7 @@ Tolerances, each with its reason:
   convolution sees the state and W rounded to the operand type (unit roundoff u = 2^-11 for TF32 and
   fp16, 2^-8 for bf16) and half outputs are rounded once more. Compared with the float64 fixed point
   of the same (rounded) inputs, per sample: ||x - x*|| <= (4u + 2 tol) / (1 - c) ||x*||, with c the
-  sample's contraction bound (reference.contraction_bound), the 2 tol for the stopping error, plus
+  sample's contraction bound (reference.global_contraction_rate), the 2 tol for the stopping error, plus
   4 * 2^-24 sqrt(n) / (1 - c) for float16's subnormal spacing.
 """
 
@@ -285,7 +285,7 @@ def _fixed_points_f64(shape, activation, dtype, seed):
     u, w = _conv_problem(shape, activation, dtype=dtype, seed=seed)
     u64, w64 = u.double(), w.double()
     z_star = reference.forward_solve(u64, w64, activation, tol=1e-13, max_iter=3000)[0]
-    c = reference.contraction_bound(z_star, u64, activation)
+    c = reference.global_contraction_rate(z_star, u64, activation)
     v, _, D = _adjoint_problem(shape, activation, dtype, seed=seed)
     h_star = reference.adjoint_solve(v.double(), w64, D.double(), tol=1e-13, max_iter=3000)[0]
     return u, w, v, D, z_star, h_star, c

@@ -26,7 +26,8 @@ def test_report_writes_table_json_and_plots(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["forward_iterations"] > 1 for r in rows)
     assert all(r["speedup_vs_official"] == 1.0 for r in rows if r["path"] == "official")
     conv = result["convergence"]
-    assert all(e <= b + 1e-12 for e, b in zip(conv["forward_error"], conv["bound"]))
+    assert all(e <= b + 1e-12 for e, b in zip(conv["forward_error"], conv["bound"]))  # c^k, proven
+    assert 0 < conv["contraction_bound"] <= conv["global_rate"] * (1 + 1e-9)
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert len(pngs) == 2
 
@@ -168,3 +169,17 @@ def test_threads_under_load_times_both_thread_counts_idle_and_busy(tmp_path):
     figures = json.loads(out.read_text())["figures"]
     assert set(figures) == {f"{load} 8x12 threads={t}" for load in ("idle", "busy") for t in (1, 2)}
     assert all(f["calls"] >= 20 for f in figures.values())
+
+
+def test_contraction_bench_measures_the_bound_against_the_spectral_radius(tmp_path, capsys):
+    from pcdeq_kernels.bench import contraction
+
+    out = tmp_path / "contraction.json"
+    assert contraction.main(["--dims", "12", "--epochs", "1", "--eig-samples", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["problem"] for r in rows] == ["benchmark B=64 d=12"] * 2 + ["demo layer, 1 epochs"]
+    for r in rows:
+        assert not r["bound_below_rho_anywhere"] and len(r["spectral_radius"]) == 3
+        assert r["bound_median"] <= r["bound_from_z_median"] <= r["global_rate_median"] * (1 + 1e-9)
+        assert r["gap_factor_max"] >= 1 and r["bound_ms"] > 0 and r["cpu_solve_ms"] > 0
+    assert "(1-rho)/(1-bound)" in capsys.readouterr().out

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import NamedTuple
 
 from ..problem import Problem
 from ..spec import BACKENDS, SolveSpec
@@ -45,8 +46,31 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "reference"), "cuda": (
 
 
 def available_backends() -> dict[str, bool]:
-    """Which backends this installation can run: ``{"reference": True, "cpu": ..., "cuda": ..., "triton": ...}``."""
+    """Which backends this installation can run: ``{"reference": True, "cpu": ..., "cuda": ..., "triton": ...}``
+    (``backend_status`` says why one cannot, and how to get it)."""
     return {name: _BACKENDS[name].is_available() for name in BACKEND_NAMES}
+
+
+class BackendStatus(NamedTuple):
+    """Whether a backend can run here, and if not, why not and how to get it (``reason``, else "")."""
+
+    available: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return "available" if self.available else f"unavailable: {self.reason}"
+
+
+def backend_status() -> dict[str, BackendStatus]:
+    """Every backend with whether this installation can run it and, when not, the reason and the fix:
+    ``{"reference": BackendStatus(True, ""), "cpu": ..., "cuda": BackendStatus(False, "no CUDA GPU ..."), ...}``.
+    ``str()`` of one reads "available" or "unavailable: <reason>"."""
+    status = {}
+    for name in BACKEND_NAMES:
+        backend = _BACKENDS[name]
+        available = backend.is_available()
+        status[name] = BackendStatus(available, "" if available else backend.unavailable_reason())
+    return status
 
 
 def resolve(spec: SolveSpec, problem: Problem) -> str:
