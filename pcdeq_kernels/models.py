@@ -38,8 +38,18 @@ class _PCDEQNet(nn.Module):
         """Restore ``W >= 0`` in every pcDEQ layer (call after each optimizer step)."""
         project_(self)
 
+    def clamp(self) -> None:
+        """``project_()`` under the official code's name (its training loop calls ``model.clamp()``)."""
+        project_(self)
+
     def pcdeq_layers(self) -> list[nn.Module]:
         return list(pcdeq_layers(self))
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The pcDEQ layers, as the official networks' ``blocks`` list (found afresh on each access, so a
+        layer swapped in is the one ``clamp()`` projects)."""
+        return self.pcdeq_layers()
 
 
 class LinearPCDEQNet(_PCDEQNet):
@@ -126,3 +136,7 @@ def paper_model(name: str, dataset: str, activation: str = "tanh", **layer_optio
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# (at the end: migration reads the network classes above)
+from .migration import load_official_state_dict, official_optimizer_state  # noqa: E402,F401

@@ -103,6 +103,10 @@ class _PCDEQLayer(nn.Module):
         """Restore ``W >= 0`` after an optimizer step (the paper's projection)."""
         self.weight_param.project_()
 
+    def clamp(self) -> None:
+        """``project_()`` under the official blocks' name."""
+        self.weight_param.project_()
+
     def solve(self, u: Tensor) -> Tensor:
         weight = self.weight
         if weight.dtype != u.dtype and torch.is_autocast_enabled(u.device.type):

@@ -34,7 +34,7 @@ fi
 python -c "import torch; print('[setup]   torch', torch.__version__, '(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU-only build)')"
 took
 
-step "3/4 pcdeq_kernels: build the C++ kernels and install with extras [$EXTRAS] (about 4 min on 2 cores)"
+step "3/4 pcdeq_kernels: build the C++ kernels and install with extras [$EXTRAS] (1-2 min on 2 cores)"
 # pip -v shows the build's own messages; only those (what is built, for which SIMD level and GPU
 # architectures, and why something is skipped) and the compiler's progress are printed. The whole
 # log is kept for when the build fails.
@@ -46,7 +46,7 @@ if ! pip install -v --no-build-isolation -e ".[$EXTRAS]" >"$LOG" 2>&1; then
 fi
 grep -E '^\s*(pcdeq_kernels:|\[[0-9]+/[0-9]+\] )' "$LOG" \
   | sed -E 's#^\s*##; s#^(\[[0-9]+/[0-9]+\]) .* -c \S*/(csrc/\S+) .*#\1 compiled \2#; s#^(\[[0-9]+/[0-9]+\]) [^ ]* .* -o \S*/(\S+\.so)$#\1 linked \2#' \
-  | sed 's/^/[setup]   /' || true
+  | awk '!seen[$0]++' | sed 's/^/[setup]   /' || true  # (setup.py runs twice under pip: metadata, then build)
 took
 
 step "4/4 check: which backends run here (python -m pcdeq_kernels checks each against the reference)"

@@ -23,3 +23,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The skipped tests, grouped by their reason, one line each (what this machine cannot run, and why)."""
+    from collections import Counter
+
+    skipped = terminalreporter.stats.get("skipped", [])
+    reasons = Counter(
+        str(report.longrepr[2]).removeprefix("Skipped: ") if isinstance(report.longrepr, tuple) else "(no reason given)"
+        for report in skipped
+    )
+    if reasons:
+        terminalreporter.section(f"{len(skipped)} skipped, by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.line(f"{count:5d}  {reason}")
