@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops, reference
+from .activations import get_activation
 from .problem import describe, state_format
 from .spec import SolveSpec, with_solve_options
 
@@ -92,13 +93,14 @@ class _FixedPoint(torch.autograd.Function):
         # on every call, a cost the paper-sized solve notices)
         with _without_autocast(u):
             z, its, res, conv = ops.solve(False, u, weight, z0, spec, backend)
+            out = _official_output(z, u, weight, spec) if spec.stop == "official" else z
         ctx.spec = spec
         ctx.backend = backend
         ctx.stats_out = stats_out
-        ctx.save_for_backward(u, weight, z)
+        ctx.save_for_backward(u, weight, z)  # (the last iterate: D and dL/dW are taken there)
         ctx.mark_non_differentiable(its, res, conv)
         ctx.set_materialize_grads(False)  # (no zero tensors made for the three statistics' gradients)
-        return z, its, res, conv
+        return out, its, res, conv
 
     @staticmethod
     def backward(ctx, grad_z, *_):
@@ -128,18 +130,30 @@ class _FixedPoint(torch.autograd.Function):
         v = _as_dtype(grad_z, D.dtype)
         if spec.backward == "jfb":
             h = D * v
+        elif spec.stop == "official":
+            # The official code iterates g = J^T g + v with J taken at its output T(z_K), then passes g
+            # back through that last application, whose D is the one at z_K.
+            D_out = reference.activation_derivative_at(_official_output(z, u, weight, spec), u, weight, spec.activation)
+            g, its, res, _ = ops.solve(True, v, _as_dtype(weight, D.dtype), D_out, spec, ctx.backend)
+            h = D * g
         else:
             h, its, res, _ = ops.solve(True, v, _as_dtype(weight, D.dtype), D, spec, ctx.backend)
-            if not torch.compiler.is_compiling():
-                for stats in ctx.stats_out:
-                    stats.backward_iterations.copy_(its)
-                    stats.backward_residual.copy_(res)
+        if spec.backward != "jfb" and not torch.compiler.is_compiling():
+            for stats in ctx.stats_out:
+                stats.backward_iterations.copy_(its)
+                stats.backward_residual.copy_(res)
         needs_u, needs_w = ctx.needs_input_grad[:2]
         grad_u = _as_dtype(h, u.dtype) if needs_u else None
         grad_w = None
         if needs_w:
             grad_w = _as_dtype(reference.weight_grad(h, _as_dtype(z, h.dtype), _as_dtype(weight, h.dtype)), weight.dtype)
         return grad_u, grad_w, None, None, None, None
+
+
+def _official_output(z: Tensor, u: Tensor, weight: Tensor, spec: SolveSpec) -> Tensor:
+    """``stop="official"``: the official block's output, one more map application ``T(z_K)`` after the
+    last iterate (its gradient is the one at ``z_K``: ``D`` and ``dL/dW`` are taken there, as there)."""
+    return get_activation(spec.activation).fn(reference.linear_map(z, weight) + u)
 
 
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -209,6 +223,8 @@ def solve(u: Tensor, weight: Tensor, spec: SolveSpec, z0: Optional[Tensor] = Non
     else:  # nothing to differentiate: the solve alone, without an autograd node (inference)
         with _without_autocast(u):
             z, its, res, conv = ops.solve(False, u, weight, z0, spec, backend)
+            if spec.stop == "official":
+                z = _official_output(z, u, weight, spec)
     if backward_stats is None:  # (the compiled node made and fills its own)
         batch = u.shape[0]
         backward_stats = (its.new_zeros(batch), res.new_full((batch,), float("nan")))

@@ -15,7 +15,10 @@ Stopping rule (the official code's), per sample b with ``x`` the state (z or h):
 
 ``stop="sample"``: each sample stops (its state freezes and its iteration count stops) once
 ``r_b < tol``; ``stop="batch"``: all samples stop together once the same ratio taken over the whole
-batch (Frobenius norms) is below ``tol``. Either way at most ``max_iter`` steps are taken. The squared
+batch (Frobenius norms) is below ``tol``. Either way at most ``max_iter`` steps are taken.
+``stop="official"`` is the official code's algorithm step for step: the whole-batch ratio formed as
+it forms it (the two norms in the state dtype, read to the host, divided in Python), and the
+adjoint iterated on ``g = L^T(h) + v`` (``h = D * g``) with the ratio measured on ``g``. The squared
 norms are summed in float64 (no overflow for a float32 state), and a residual that is not finite
 (NaN or Inf) stops its sample (or, with "batch", the batch) at once, unconverged: a non-finite iterate
 is never "converged" and never iterated on.
@@ -108,12 +111,15 @@ def iterate(
     for _ in range(max_iter):
         x_next = step(x)
         r = relative_residual(x_next, x)
-        r_batch = batch_relative_residual(x_next, x) if stop == "batch" else None
+        if stop == "official":  # (as the official code forms it: float norms of the whole batch)
+            r_batch = torch.tensor((x_next - x).norm().item() / (x_next.norm().item() + RESIDUAL_EPS))
+        else:
+            r_batch = batch_relative_residual(x_next, x) if stop == "batch" else None
         keep = active.view(-1, *([1] * (x.dim() - 1)))
         x = torch.where(keep, x_next, x)
         residual = torch.where(active, r, residual)
         iterations += active.to(torch.int32)
-        if stop == "batch":
+        if stop in ("batch", "official"):
             if bool(r_batch < tol):
                 converged[:] = True
                 break
@@ -155,9 +161,14 @@ def adjoint_solve(
     max_iter: int = 200,
     stop: str = "sample",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Solve ``h = D * (L^T(h) + v)`` from ``h_0 = D * v``. Returns ``(h*, iterations, residual, converged)``."""
+    """Solve ``h = D * (L^T(h) + v)`` from ``h_0 = D * v``. Returns ``(h*, iterations, residual, converged)``.
+    With ``stop="official"`` the official code's iterate ``g`` (``g <- L^T(D * g) + v`` from ``v``: the
+    same sequence, ``h = D * g``) is iterated, measured and returned instead."""
     dtype = solver_dtype(v.dtype)
     v_, w_, d_ = v.to(dtype), weight.to(dtype), D.to(dtype)
+    if stop == "official":
+        g, its, res, conv = iterate(lambda g: adjoint_map(d_ * g, w_) + v_, v_, tol=tol, max_iter=max_iter, stop=stop)
+        return g.to(v.dtype), its, res, conv
     h, its, res, conv = iterate(lambda h: d_ * (adjoint_map(h, w_) + v_), d_ * v_, tol=tol, max_iter=max_iter, stop=stop)
     return h.to(v.dtype), its, res, conv
 

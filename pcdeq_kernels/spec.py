@@ -25,7 +25,7 @@ from typing import Optional
 
 from .activations import get_activation
 
-STOP_RULES = ("sample", "batch")
+STOP_RULES = ("sample", "batch", "official")
 BACKWARD_MODES = ("implicit", "jfb")
 SOLVERS = ("picard",)  # plain iteration x <- T(x); the solver of every backend
 NONCONVERGENCE_POLICIES = ("warn", "raise", "ignore")
@@ -59,7 +59,10 @@ class SolveSpec:
     Args:
         activation: the forward map's activation, a name in the map table (``activations.ACTIVATIONS``).
         tol, max_iter: forward stopping rule ``||x_{k+1} - x_k|| / (||x_{k+1}|| + 1e-5) < tol``.
-        stop: "sample" (each sample stops on its own) or "batch" (whole-batch norms, as the official code).
+        stop: "sample" (each sample stops on its own), "batch" (whole-batch norms, the official code's
+            rule) or "official" (the official algorithm step for step: the "batch" rule, the output
+            ``T(z_K)``, one more map application, and the adjoint residual measured on ``g``, where
+            ``h = D * g``; for parity with the official code, on the reference backend).
         backward: "implicit" (exact gradient via the adjoint fixed point) or "jfb" (Jacobian-free).
         backward_tol, backward_max_iter: the adjoint's stopping rule; None: the forward's values.
         solver: "picard" (plain iteration).
@@ -146,7 +149,7 @@ class SolveSpec:
 
     @property
     def batch_stop(self) -> bool:
-        return self.stop == "batch"
+        return self.stop in ("batch", "official")
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(SolveSpec))

@@ -47,8 +47,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         u = INJECTIONS[self.activation](x)
-        z, stats = official_fixed_point(u, self.deq.f.W.weight(), self.activation, self.tol, self.max_iter)
-        self.deq.iter_forward = stats.forward_iterations
+        z, self.stats = official_fixed_point(u, self.deq.f.W.weight(), self.activation, self.tol, self.max_iter)
+        self.deq.iter_forward = self.stats.forward_iterations  # (the backward's count: stats, after backward)
         return z
 
     def clamp(self):

@@ -107,3 +107,71 @@ def test_networks_offer_the_official_loops_calls():
         new_layer.weight_param.v.fill_(-1.0)
     model.clamp()
     assert (new_layer.weight_param.v == 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_stop_official_matches_the_official_algorithm_step_for_step(name):
+    """stop="official": on the paper's networks, in float32 at the official tol, the forward and backward
+    iteration counts of every block, the losses and the parameters follow the official algorithm's,
+    batch for batch, over training steps."""
+    torch.manual_seed(0)
+    official = NETWORKS[name]("tanh", 1e-4, 200)
+    ours = paper_model(name, "mnist", "tanh", stop="official")
+    load_official_state_dict(ours, official.state_dict())
+    # (plain SGD: Adam would scale the rounding noise of gradients near 0, the pre-norm biases' above
+    # all, up to steps of size lr; the checkpoint test above covers AdamW's state)
+    opt = torch.optim.SGD(official.parameters(), lr=0.05)
+    ours_opt = torch.optim.SGD(ours.parameters(), lr=0.05)
+    outputs = {id(official): [], id(ours): []}
+    for net in (official, ours):
+        for block in net.blocks:
+            block.register_forward_hook(lambda module, args, out, net=net: outputs[id(net)].append(out.detach()))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x, y = torch.rand(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+        assert _train_step(ours, ours_opt, x, y) == pytest.approx(_train_step(official, opt, x, y), rel=1e-6)
+        # the blocks' outputs: the official T(z_K) to rounding (z_K itself, stop="batch"'s output, is
+        # about tol away)
+        for theirs, mine in zip(outputs[id(official)], outputs[id(ours)]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        outputs[id(official)].clear()
+        outputs[id(ours)].clear()
+        for theirs, mine in zip(official.blocks, ours.blocks):
+            assert mine.stats.backend == "reference"
+            assert (mine.stats.forward_iterations == theirs.stats.forward_iterations).all()
+            assert (mine.stats.backward_iterations == theirs.stats.backward_iterations).all()
+    names, official_params = official_names(ours), dict(official.named_parameters())
+    for key, param in ours.named_parameters():
+        torch.testing.assert_close(param, official_params[names[key]], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def test_stop_official_runs_on_the_reference_backend_only():
+    u, w = torch.rand(3, 5), torch.rand(5, 5) * 0.1
+    z, stats = pk.fixed_point(u, w, stop="official")
+    assert stats.backend == "reference"
+    with pytest.raises(ValueError, match=r"stop='official' is implemented by the reference backend\(s\) only"):
+        pk.fixed_point(u, w, stop="official", backend="cpu")
+
+
+@pytest.mark.parametrize("conv_hw", [None, (5, 6)], ids=["dense", "conv"])
+def test_stop_official_is_the_official_algorithm(conv_hw):
+    """One solve and its gradient against pcdeq_kernels.official (the official algorithm restated): the
+    same output, counts and gradients, where stop="batch" returns the last iterate instead."""
+    from pcdeq_kernels.official import official_fixed_point
+    from problems import make_problem
+
+    u, w = make_problem(6, 5, "tanh", weight_scale=0.9, conv_hw=conv_hw)
+    v = torch.randn(u.shape, generator=torch.Generator().manual_seed(3), dtype=u.dtype)
+    runs = {}
+    for stop in ("official", "batch", None):
+        u_, w_ = u.clone().requires_grad_(), w.clone().requires_grad_()
+        z, stats = pk.fixed_point(u_, w_, stop=stop) if stop else official_fixed_point(u_, w_, "tanh", 1e-4, 200)
+        runs[stop] = (z.detach(), torch.autograd.grad(z, (u_, w_), v), stats)
+    z, grads, stats = runs["official"]
+    z_o, grads_o, stats_o = runs[None]
+    torch.testing.assert_close(z, z_o, rtol=1e-14, atol=0)
+    for got, want in zip(grads, grads_o):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert (stats.forward_iterations == stats_o.forward_iterations).all()
+    assert (stats.backward_iterations == stats_o.backward_iterations).all()
+    assert (runs["batch"][0] - z_o).abs().max() > 1e-7  # stop="batch" returns z_K, not T(z_K)

@@ -111,7 +111,7 @@ def test_unknown_activation_and_keyword(problem):
         (dict(tol=-1e-3), "tol must be a positive finite number"),
         (dict(tol=float("nan")), "tol must be a positive finite number"),
         (dict(backward_tol=0.0), "backward_tol must be a positive finite number"),
-        (dict(stop="global"), r"stop must be one of \('sample', 'batch'\)"),
+        (dict(stop="global"), r"stop must be one of \('sample', 'batch', 'official'\)"),
         (dict(backward="unrolled"), r"backward must be one of \('implicit', 'jfb'\)"),
         (dict(on_nonconvergence="silent"), "on_nonconvergence must be one of"),
         (dict(backend="numba"), "unknown backend 'numba'"),

@@ -7,6 +7,7 @@ A backend is a module with
     unavailable_reason() -> str             why not, and how to get it ("" when available)
     unsupported_reason(spec, problem) -> str
                                             why it cannot solve this spec on these tensors ("" when it can)
+    STOP_RULES (optional)                   the stopping rules it implements (default "sample" and "batch")
     forward_solve(u, weight, z0, spec)      -> (z*, iterations int32 (B,), residual (B,), converged bool (B,))
     adjoint_solve(v, weight, D, spec)       -> (h*, ...): the adjoint's stopping rule is spec.backward_*
 
@@ -73,6 +74,15 @@ def backend_status() -> dict[str, BackendStatus]:
     return status
 
 
+def _unsupported_reason(backend: ModuleType, spec: SolveSpec, problem: Problem) -> str:
+    """Why ``backend`` cannot solve ``spec`` on ``problem``'s tensors ("" when it can): its stopping rules,
+    then its own reason."""
+    if spec.stop not in getattr(backend, "STOP_RULES", ("sample", "batch")):
+        able = [n for n, b in _BACKENDS.items() if spec.stop in getattr(b, "STOP_RULES", ("sample", "batch"))]
+        return f"stop={spec.stop!r} is implemented by the {' and '.join(able)} backend(s) only"
+    return backend.unsupported_reason(spec, problem)
+
+
 def resolve(spec: SolveSpec, problem: Problem) -> str:
     """The concrete backend that will solve ``spec`` on ``problem``'s tensors: ``spec.backend``
     itself (an error, with the reason and the fix, if it is unavailable or cannot), or for ``"auto"``
@@ -81,15 +91,15 @@ def resolve(spec: SolveSpec, problem: Problem) -> str:
     if name == "auto":
         for candidate in AUTO_ORDER.get(problem.device_type, ("reference",)):
             backend = _BACKENDS[candidate]
-            if backend.is_available() and not backend.unsupported_reason(spec, problem):
+            if backend.is_available() and not _unsupported_reason(backend, spec, problem):
                 return candidate
         return "reference"
     backend = _BACKENDS[name]  # spec.backend is one of BACKENDS: SolveSpec checked it
     if not backend.is_available():
         raise RuntimeError(f"backend {name!r} is not available: {backend.unavailable_reason()}")
-    reason = backend.unsupported_reason(spec, problem)
+    reason = _unsupported_reason(backend, spec, problem)
     if reason:
-        able = [n for n, b in _BACKENDS.items() if b.is_available() and not b.unsupported_reason(spec, problem)]
+        able = [n for n, b in _BACKENDS.items() if b.is_available() and not _unsupported_reason(b, spec, problem)]
         raise ValueError(
             f"backend {name!r} cannot solve this problem ({problem.kind}, {problem.dtype} on {problem.device_type}): "
             f"{reason}; use backend='auto' or one of {able}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .. import reference
 
 NAME = "reference"
+STOP_RULES = ("sample", "batch", "official")
 
 
 def is_available() -> bool:
