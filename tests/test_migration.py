@@ -175,3 +175,15 @@ def test_stop_official_is_the_official_algorithm(conv_hw):
     assert (stats.forward_iterations == stats_o.forward_iterations).all()
     assert (stats.backward_iterations == stats_o.backward_iterations).all()
     assert (runs["batch"][0] - z_o).abs().max() > 1e-7  # stop="batch" returns z_K, not T(z_K)
+
+
+def test_stop_official_under_torch_compile_matches_eager():
+    layer = pk.PCDEQLinear(6, stop="official")
+    x = torch.rand(4, 6)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = layer(x_eager)
+    compiled = torch.compile(layer, fullgraph=True)(x_compiled)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    eager.sum().backward()
+    compiled.sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-6, atol=1e-7)
