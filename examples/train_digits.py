@@ -33,8 +33,8 @@ from pcdeq_kernels.problem import Problem
 from pcdeq_kernels.models import LinearPCDEQNet, SingleConvPCDEQNet, paper_model
 
 MODELS = ("linear", "conv", "paper-single-conv", "paper-multi-conv")
-# Default epochs per model and device: the paper's networks on the 28x28 images take about a minute
-# (single-conv, 82 channels) and 15 s (multi-conv) per epoch on a 2-core CPU.
+# Default epochs per model and device: the paper's networks on the 28x28 images are slow on a CPU
+# (single-conv's 82-channel solves above all), so fewer epochs there.
 DEFAULT_EPOCHS = {
     "cpu": {"linear": 25, "conv": 15, "paper-single-conv": 3, "paper-multi-conv": 5},
     "cuda": {"linear": 25, "conv": 15, "paper-single-conv": 15, "paper-multi-conv": 15},
